@@ -1,0 +1,71 @@
+"""TSTConfig: what TST adds to a Megatron run, validated once with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Optional
+
+from megatron_tst.mce import WEIGHTINGS
+
+
+class Phase(str, enum.Enum):
+    """Training phase. The string values are what logs and metrics files carry."""
+
+    SUPERPOSITION = "superposition"
+    RECOVERY = "recovery"
+
+
+@dataclasses.dataclass(frozen=True)
+class TSTConfig:
+    """Token-superposition settings.
+
+    Attributes:
+        bag_size: s, tokens averaged into one position (paper: 4..8; 16 at 10B-A1B).
+        superposition_ratio: r, the fraction of all optimizer steps trained with superposition (paper:
+            0.2..0.4). Exclusive with `superposition_iters`.
+        superposition_iters: the number of superposition steps, instead of a ratio.
+        weighting: within-bag target weighting of the multi-hot cross-entropy.
+        ignore_index: the target id of absent targets.
+    """
+
+    bag_size: int
+    superposition_ratio: Optional[float] = None
+    superposition_iters: Optional[int] = None
+    weighting: str = "uniform"
+    ignore_index: int = -100
+
+    def __post_init__(self):
+        if not isinstance(self.bag_size, int) or self.bag_size < 1:
+            raise ValueError(f"--tst-bag-size must be an integer >= 1, got {self.bag_size!r}")
+        if self.superposition_ratio is not None and self.superposition_iters is not None:
+            raise ValueError("give --tst-superposition-ratio or --tst-superposition-iters, not both")
+        if self.superposition_ratio is None and self.superposition_iters is None:
+            raise ValueError("TST needs --tst-superposition-ratio or --tst-superposition-iters")
+        if self.superposition_ratio is not None and not 0.0 <= self.superposition_ratio < 1.0:
+            raise ValueError(
+                f"--tst-superposition-ratio must be in [0, 1) (the recovery phase is required), "
+                f"got {self.superposition_ratio}"
+            )
+        if self.superposition_iters is not None and self.superposition_iters < 0:
+            raise ValueError(f"--tst-superposition-iters must be >= 0, got {self.superposition_iters}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"--tst-weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+
+    def superposition_steps(self, train_iters: int) -> int:
+        """Number of optimizer steps in the superposition phase of a `train_iters`-step run."""
+        if self.superposition_iters is not None:
+            steps = self.superposition_iters
+        else:
+            steps = int(math.floor(self.superposition_ratio * train_iters + 1e-9))
+        if steps >= train_iters:
+            raise ValueError(
+                f"{steps} superposition steps leave no recovery phase in a {train_iters}-step run; "
+                f"the recovery phase is required"
+            )
+        return steps
+
+    def phase_at(self, iteration: int, train_iters: int) -> Phase:
+        """Phase of the step that starts at `iteration` completed steps (0-based)."""
+        return Phase.SUPERPOSITION if iteration < self.superposition_steps(train_iters) else Phase.RECOVERY

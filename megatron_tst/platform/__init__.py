@@ -1,0 +1,1 @@
+"""Platform adaptations. Only `cpu` exists: megatron-core on machines without CUDA."""

@@ -1,0 +1,285 @@
+"""Megatron-Core on CPU with the gloo backend: every patch it needs, in one place.
+
+megatron-core assumes CUDA in many places. The tests and the CPU demo run it on CPU, several processes on
+one machine, so this module bends exactly those places and nothing else. Call `enable()` once per process,
+before building models; it returns False and changes nothing when CUDA is available, so code that calls it
+unconditionally stays correct on GPUs.
+
+Every patch names the megatron-core 0.16.1 call sites it covers (paths below `megatron/core/`). What was
+measured to need each one is in `shared/MCORE_ON_CPU.md`.
+
+| patch                              | covers                                                                |
+|------------------------------------|-----------------------------------------------------------------------|
+| `torch.cuda.current_device` -> cpu | ~175 `device=torch.cuda.current_device()` sites (first: utils.py:631  |
+|                                    | GlobalMemoryBuffer; moe/router.py, tensor_parallel/mappings.py,       |
+|                                    | p2p_communication.py, param_and_grad_buffer.py, state_dict_saver.py)  |
+| `_CudaToCpuMode`                   | literal `device="cuda"` factories, `.cuda()`, `.to("cuda")`           |
+|                                    | (schedules.py:596/2138, optimizer.py:481/485/907, clip_grads.py:103,  |
+|                                    | utils.py:1207, transformer/utils.py:35, moe_utils.py:998), and the    |
+|                                    | `Tensor.type() == 'torch.cuda.FloatTensor'` checks (clip_grads.py:167,|
+|                                    | distrib_optimizer.py:431)                                             |
+| device RNG = CPU default generator | tensor_parallel/random.py:235 (`add`), :248 (`fork`), :55/:72         |
+|                                    | (`_get/_set_cuda_rng_state`, also activation recompute)               |
+| inert streams/events, no-op sync   | moe/token_dispatcher.py:445/871, p2p_communication.py:398,            |
+|                                    | dist_checkpointing/strategies/filesystem_async.py:230                 |
+| `moe_utils.te_general_gemm = None` | moe/moe_utils.py:1192 (NameError without Transformer Engine)          |
+| torch norms accept sequence par.   | transformer/torch_norm.py:32 (the local spec's norm without apex)     |
+
+Not patches but settings the caller must choose on CPU (see `cpu_config_overrides`): `batch_p2p_sync=False`
+(p2p_communication.py:398) and `use_cpu_initialization=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_enabled = False
+_lock = threading.Lock()
+_mode: TorchFunctionMode | None = None
+
+
+def cuda_available() -> bool:
+    """True when a CUDA device is usable; then nothing here is applied."""
+    return torch.cuda.is_available()
+
+
+def enable() -> bool:
+    """Apply every CPU patch once in this process. Returns True if patches are active.
+
+    Idempotent; a no-op (returns False) when CUDA is available. The device-mapping mode is
+    thread-local: call `enable()` again from any new thread that runs megatron-core code.
+    """
+    global _enabled
+    if cuda_available():
+        return False
+    with _lock:
+        if not _enabled:
+            _patch_device_queries()
+            _patch_streams_and_sync()
+            _patch_rng()
+            _patch_moe_without_te()
+            _patch_torch_norm_sequence_parallel()
+            _enabled = True
+        _enter_device_mode()
+    return True
+
+
+def cpu_config_overrides() -> dict:
+    """TransformerConfig fields to set when running on CPU (empty on GPU).
+
+    `batch_p2p_sync` would call `torch.cuda.synchronize` after every batched p2p exchange
+    (p2p_communication.py:398); `use_cpu_initialization` makes weights independent of the parallel layout.
+    """
+    if cuda_available():
+        return {}
+    return {"batch_p2p_sync": False, "use_cpu_initialization": True}
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.cuda device queries
+
+
+def _patch_device_queries() -> None:
+    # ~175 sites allocate with `device=torch.cuda.current_device()`; the first one hit is the
+    # GlobalMemoryBuffer on every attention forward (utils.py:631).
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.set_device = lambda device: None
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int device index can only mean a CUDA device.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Maps CUDA devices to CPU in every torch call, and answers `Tensor.type()` as CUDA would.
+
+    Covers the literal `device="cuda"` sites, `.cuda()`, `.to("cuda")` / `.to(0)`, and the type-name
+    checks in clip_grads.py:167 and distrib_optimizer.py:431 (they compare `t.type()` with
+    'torch.cuda.FloatTensor' and only use it as a dtype check).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and _is_cuda_device(device):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return func(*args, **kwargs)
+
+
+def _enter_device_mode() -> None:
+    global _mode
+    # The mode stack is thread-local: enter once per thread.
+    if getattr(_thread_state, "entered", False):
+        return
+    _mode = _CudaToCpuMode()
+    _mode.__enter__()
+    _thread_state.entered = True
+
+
+_thread_state = threading.local()
+
+
+# --------------------------------------------------------------------------------------------------
+# streams, events, synchronisation
+
+
+class _InertStream:
+    """Stand-in for torch.cuda.Stream: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event or _InertEvent()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class _InertEvent:
+    """Stand-in for torch.cuda.Event."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+_DEFAULT_STREAM = _InertStream()
+
+
+def _patch_streams_and_sync() -> None:
+    # MoE alltoall dispatcher creates and waits on a D2H stream (token_dispatcher.py:445/871);
+    # batched p2p and the async checkpoint writer synchronise (p2p_communication.py:398,
+    # filesystem_async.py:230).
+    torch.cuda.Stream = _InertStream
+    torch.cuda.Event = _InertEvent
+    torch.cuda.current_stream = lambda device=None: _DEFAULT_STREAM
+    torch.cuda.default_stream = lambda device=None: _DEFAULT_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda device=None: None
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG: the "device generator" of megatron's RNG tracker is the CPU default generator
+
+
+def _patch_rng() -> None:
+    """Point megatron's CUDA RNG plumbing at the CPU default generator.
+
+    With this, the stock `CudaRNGStatesTracker` keeps one CPU generator state per stream
+    ('model-parallel-rng' differs per TP rank, 'data-parallel-rng', 'expert-parallel-rng'),
+    forks swap them in, and activation recompute restores them (random.py:55/72/235/248).
+    Dropout on CPU draws from the CPU default generator, so the streams mean the same as on GPU.
+    """
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    mcore_random._get_cuda_rng_state = get_state
+    mcore_random._set_cuda_rng_state = set_state
+
+    # fork() warns when the CPU generator moved inside a "GPU" RNG context; here the device
+    # generator *is* the CPU generator, so that warning fires on every dropout and means nothing.
+    class _DropForkWarning(logging.Filter):
+        def filter(self, record):
+            return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+    logging.getLogger(mcore_random.__name__).addFilter(_DropForkWarning())
+
+
+# --------------------------------------------------------------------------------------------------
+# MoE without Transformer Engine
+
+
+def _patch_moe_without_te() -> None:
+    # moe_utils.py:1192 reads `te_general_gemm`, which is only defined when TE imports.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+# --------------------------------------------------------------------------------------------------
+# sequence parallelism with torch norms (the local spec's norm when apex is absent)
+
+
+def _patch_torch_norm_sequence_parallel() -> None:
+    """Let `WrappedTorchNorm` run under sequence parallelism (torch_norm.py:32 refuses it).
+
+    Under SP each TP rank normalises its own slice of positions, so the norm weights get partial
+    gradients; tagging them `sequence_parallel = True` makes `finalize_model_grads` all-reduce those
+    over the TP group, exactly as Megatron does for its fused norms.
+    """
+    from megatron.core.transformer import torch_norm
+
+    original_new = torch_norm.WrappedTorchNorm.__new__
+
+    def new(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False,
+            zero_centered_gamma=False, normalization="LayerNorm"):
+        if not config.sequence_parallel or config.normalization not in ("LayerNorm", "RMSNorm"):
+            return original_new(cls, config, hidden_size, eps, persist_layer_norm,
+                                zero_centered_gamma, normalization)
+        if config.layernorm_zero_centered_gamma or config.persist_layer_norm:
+            raise ValueError("zero-centred gamma / persist_layer_norm need Transformer Engine or apex")
+        norm_cls = torch.nn.LayerNorm if config.normalization == "LayerNorm" else torch.nn.RMSNorm
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = new

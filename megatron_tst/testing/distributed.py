@@ -1,0 +1,162 @@
+"""Run a function on N gloo processes with a Megatron parallel layout (tests and benchmarks).
+
+    results = run_distributed(check_fn, world_size=2, layout=Layout(tp=2), args=(...))
+
+Each worker is a fresh spawned process: it picks up the port chosen by the parent, initialises
+torch.distributed (gloo), applies `megatron_tst.platform.cpu`, initialises `parallel_state` with the layout,
+seeds every RNG, runs `fn(*args, **kwargs)`, and sends back its picklable return value. A failure in any
+worker is re-raised in the parent with that worker's traceback; every process is torn down either way.
+
+Spawning costs seconds (torch + megatron import), so group several checks into one `fn`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import socket
+import traceback
+from typing import Any, Callable, Optional, Sequence
+
+import torch.multiprocessing as mp
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A Megatron parallel layout; data parallelism takes what the world size leaves."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    cp: int = 1
+    vpp: Optional[int] = None
+    etp: Optional[int] = None
+
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+
+class DistributedFailure(RuntimeError):
+    """A worker raised; the message carries its traceback."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_worker(rank: int, world_size: int, port: int, layout: Layout, seed: int = 1234,
+                num_threads: Optional[int] = None) -> None:
+    """Initialise torch.distributed + megatron parallel state in this process (CPU or GPU)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_tst.platform import cpu
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    os.environ["RANK"] = str(rank)
+    os.environ["WORLD_SIZE"] = str(world_size)
+    os.environ["LOCAL_RANK"] = str(rank)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    on_cpu = cpu.enable()
+    dist.init_process_group(
+        backend="gloo" if on_cpu else "nccl",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+    )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown_worker() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _worker(rank, world_size, port, layout, seed, fn, args, kwargs, results):
+    try:
+        init_worker(rank, world_size, port, layout, seed,
+                    num_threads=max(1, (os.cpu_count() or 1) // world_size))
+        value = fn(*args, **kwargs)
+        results.put((rank, True, value))
+    except BaseException:  # report everything, including SystemExit from deep inside megatron
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            shutdown_worker()
+        except Exception:
+            pass
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    layout: Layout = Layout(),
+    args: Sequence[Any] = (),
+    kwargs: Optional[dict] = None,
+    seed: int = 1234,
+    timeout_s: float = 600.0,
+) -> list:
+    """Run `fn(*args, **kwargs)` on `world_size` gloo ranks; return the per-rank results in rank order.
+
+    `fn` must be importable by name (a module-level function) and its return value picklable.
+    Raises DistributedFailure with the first failing worker's traceback, or on timeout.
+    """
+    if world_size % layout.model_parallel_size():
+        raise ValueError(f"world size {world_size} is not a multiple of tp*pp*cp of {layout}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(rank, world_size, port, layout, seed, fn, tuple(args), dict(kwargs or {}), results),
+            daemon=False,
+        )
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    outputs: dict[int, Any] = {}
+    failure = None
+    try:
+        while len(outputs) < world_size and failure is None:
+            try:
+                rank, ok, value = results.get(timeout=timeout_s)
+            except queue.Empty:
+                failure = f"timed out after {timeout_s:.0f} s waiting for ranks " + str(
+                    sorted(set(range(world_size)) - set(outputs)))
+                break
+            if ok:
+                outputs[rank] = value
+            else:
+                failure = f"rank {rank} failed:\n{value}"
+    finally:
+        for proc in procs:
+            proc.join(timeout=5 if failure is None else 1)
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    if failure is not None:
+        raise DistributedFailure(failure)
+    return [outputs[rank] for rank in range(world_size)]
