@@ -206,3 +206,33 @@ def build_bag_targets(
         valid_bls = valid_bls & (loss_mask_bt[:, index_ls] > 0)
     targets_bls = torch.where(valid_bls, targets_bls, torch.full_like(targets_bls, ignore_index))
     return targets_bls, valid_bls.contiguous()
+
+
+TARGETS_KEY = "tst_targets"
+
+
+def make_superposition_batch(
+    tokens_bt: torch.Tensor,
+    labels_bt: torch.Tensor,
+    loss_mask_bt: Optional[torch.Tensor],
+    bag_size: int,
+    *,
+    segment_length: Optional[int] = None,
+    ignore_index: int = -100,
+) -> dict:
+    """A superposition micro-batch from Megatron sample fields of s*L tokens per row.
+
+    Returns {"tokens": [b, s*L], "tst_targets": [b, L, s], "loss_mask": [b, L] float (1 where the position
+    has at least one target)}. Every tensor has the sequence on dim 1, in whole bags, so Megatron's
+    `get_batch_on_this_cp_rank` slices it for context parallelism.
+    """
+    split_into_bags(tokens_bt, bag_size)
+    if labels_bt.shape != tokens_bt.shape:
+        raise ValueError(f"labels {tuple(labels_bt.shape)} and tokens {tuple(tokens_bt.shape)} differ in shape")
+    targets_bls, valid_bls = build_bag_targets(labels_bt, loss_mask_bt, bag_size,
+                                               segment_length=segment_length, ignore_index=ignore_index)
+    return {
+        "tokens": tokens_bt,
+        TARGETS_KEY: targets_bls,
+        "loss_mask": valid_bls.any(dim=-1).float(),
+    }

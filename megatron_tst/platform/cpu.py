@@ -23,10 +23,15 @@ measured to need each one is in `shared/MCORE_ON_CPU.md`.
 | inert streams/events, no-op sync   | moe/token_dispatcher.py:445/871, p2p_communication.py:398,            |
 |                                    | dist_checkpointing/strategies/filesystem_async.py:230                 |
 | `moe_utils.te_general_gemm = None` | moe/moe_utils.py:1192 (NameError without Transformer Engine)          |
+| split sizes as numpy on CPU too    | moe/token_dispatcher.py:879-887 (`maybe_move_tensor_to_cpu` converts  |
+|                                    | the all-to-all split sizes only for CUDA tensors; all_to_all_single   |
+|                                    | then rejects tensor split sizes, mappings.py:447)                     |
 | torch norms accept sequence par.   | transformer/torch_norm.py:32 (the local spec's norm without apex)     |
 
-Not patches but settings the caller must choose on CPU (see `cpu_config_overrides`): `batch_p2p_sync=False`
-(p2p_communication.py:398) and `use_cpu_initialization=True`.
+Not patches but settings the caller must choose on CPU (see `cpu_config_overrides`): `batch_p2p_comm=False`
+(gloo's batch_isend_irecv mispairs the interleaved schedule's exchanges: measured wrong activations for
+micro-batches 3-4 of 4 at PP=2, VPP=2), which also avoids the `torch.cuda.synchronize` after batched p2p
+(p2p_communication.py:398), and `use_cpu_initialization=True`.
 """
 
 from __future__ import annotations
@@ -72,12 +77,13 @@ def enable() -> bool:
 def cpu_config_overrides() -> dict:
     """TransformerConfig fields to set when running on CPU (empty on GPU).
 
-    `batch_p2p_sync` would call `torch.cuda.synchronize` after every batched p2p exchange
-    (p2p_communication.py:398); `use_cpu_initialization` makes weights independent of the parallel layout.
+    `batch_p2p_comm=False`: with gloo, `batch_isend_irecv` mispairs the interleaved pipeline schedule's
+    sends and receives (wrong activations, measured), and batched p2p would also `torch.cuda.synchronize`
+    (p2p_communication.py:398). `use_cpu_initialization` makes weights independent of the parallel layout.
     """
     if cuda_available():
         return {}
-    return {"batch_p2p_sync": False, "use_cpu_initialization": True}
+    return {"batch_p2p_comm": False, "batch_p2p_sync": False, "use_cpu_initialization": True}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,11 +253,22 @@ def _patch_rng() -> None:
 
 
 def _patch_moe_without_te() -> None:
-    # moe_utils.py:1192 reads `te_general_gemm`, which is only defined when TE imports.
-    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
+    # moe_utils.py:1192 reads `te_general_gemm`, which is only defined when TE imports.
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+    # The alltoall dispatcher turns its split sizes into numpy arrays with this helper, which only does so
+    # for CUDA tensors; on CPU they would stay tensors, which all_to_all_single refuses.
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
 # --------------------------------------------------------------------------------------------------

@@ -52,8 +52,6 @@ def init_worker(rank: int, world_size: int, port: int, layout: Layout, seed: int
     """Initialise torch.distributed + megatron parallel state in this process (CPU or GPU)."""
     import torch
     import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_tst.platform import cpu
 
@@ -71,6 +69,17 @@ def init_worker(rank: int, world_size: int, port: int, layout: Layout, seed: int
         rank=rank,
         world_size=world_size,
     )
+    relayout(layout, seed)
+
+
+def relayout(layout: Layout, seed: int = 1234) -> None:
+    """(Re-)initialise megatron's parallel state with `layout` in this worker, and seed every RNG."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,

@@ -1,0 +1,229 @@
+"""GPT and MoE model providers with token superposition injected, thinly.
+
+The model is Megatron-Core's own `GPTModel`; `TSTGPTModel` adds no parameters or buffers, so its
+`state_dict` / `sharded_state_dict` keys are the stock keys and checkpoints stay interchangeable with
+Megatron-LM. It differs from `GPTModel` only when called with `tst_superposition=True`:
+
+- first pipeline stage: the decoder input is `superposed_embedding(tokens [b, s*L])`, L positions;
+- last pipeline stage: `labels` are next-bag targets [b, L, s] and the loss is the vocab-parallel MCE
+  (per position, [b, L]) instead of the cross-entropy;
+- everything between (transformer blocks, RoPE over L positions, MoE routing of L positions, pipeline
+  communication of [L, b, h]) is Megatron's, unchanged.
+
+Called without it (the recovery phase, and any baseline run), `forward` is `GPTModel.forward` itself.
+The phase therefore switches per call, without rebuilding the model or the optimizer.
+
+MoE: a superposed position is one routed token. The router, its aux loss (coefficient unchanged) and the
+expert load statistics count positions, which is what the experts process; the per-step token count of
+the loss protocol counts positions with at least one target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import TransformerConfig
+
+from megatron_tst.config import TSTConfig
+from megatron_tst.mce import vocab_parallel_multi_hot_cross_entropy
+from megatron_tst.superposition import check_bag_layout, superposed_embedding
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine imports (then its layer specs are used)."""
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA install
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTModelOptions:
+    """The `GPTModel` constructor arguments beyond the TransformerConfig (Megatron-LM flag in brackets).
+
+    Attributes:
+        vocab_size: the padded vocabulary size (Megatron-LM's `padded_vocab_size`).
+        max_sequence_length: [--max-position-embeddings]
+        position_embedding_type: "rope" or "learned_absolute" [--position-embedding-type]
+        rotary_base: [--rotary-base]; rotary_percent: [--rotary-percent]; rope_scaling: [--use-rope-scaling]
+        untie_embeddings_and_output_weights: [--untie-embeddings-and-output-weights]
+        use_transformer_engine: layer specs from Transformer Engine; None = when it imports.
+    """
+
+    vocab_size: int
+    max_sequence_length: int
+    position_embedding_type: str = "rope"
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    rope_scaling: bool = False
+    untie_embeddings_and_output_weights: bool = True
+    use_transformer_engine: Optional[bool] = None
+
+    def uses_transformer_engine(self) -> bool:
+        if self.use_transformer_engine is None:
+            return transformer_engine_available()
+        if self.use_transformer_engine and not transformer_engine_available():
+            raise ValueError("Transformer Engine layer specs were requested but transformer_engine does not import")
+        return self.use_transformer_engine
+
+
+class TSTGPTModel(GPTModel):
+    """Megatron-Core's GPTModel that can also run a superposition step (`tst_superposition=True`).
+
+    Args:
+        tst: bag size / weighting / ignore index for superposition steps; None builds a model that only
+            runs stock steps (a baseline).
+        Everything else: exactly `GPTModel`'s arguments.
+    """
+
+    def __init__(self, *args, tst: Optional[TSTConfig] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tst = tst
+        self._mce_active = False  # True only inside a superposition forward
+
+    def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
+                *args, tst_superposition: bool = False, **kwargs):
+        """`GPTModel.forward`; with `tst_superposition=True`, a superposition step.
+
+        Superposition shapes: input_ids [b, s*L] (first stage), labels = next-bag targets [b, L, s]
+        (last stage, `ignore_index` where absent). Returns the per-position MCE [b, L] on the last stage
+        (hidden states [L, b, h] elsewhere). position_ids are not used: bags take positions 0..L-1.
+        """
+        if not tst_superposition:
+            return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels, *args, **kwargs)
+        if self.tst is None:
+            raise RuntimeError("this model was built without TST settings; it cannot run a superposition step")
+        if kwargs.get("packed_seq_params") is not None or kwargs.get("inference_context") is not None:
+            raise ValueError("superposition steps support neither packed sequences nor inference")
+        if self.pre_process and decoder_input is None:
+            decoder_input = superposed_embedding(self.embedding, input_ids, self.tst.bag_size)
+        if labels is not None and (labels.dim() != 3 or labels.shape[-1] != self.tst.bag_size):
+            raise ValueError(f"superposition labels must be next-bag targets [b, L, {self.tst.bag_size}], "
+                             f"got shape {tuple(labels.shape)}")
+        self._mce_active = True
+        try:
+            return super().forward(None, None, attention_mask, decoder_input, labels, *args, **kwargs)
+        finally:
+            self._mce_active = False
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Per-position loss [b, L]: the MCE in a superposition step, else Megatron's cross-entropy."""
+        if not self._mce_active:
+            return super().compute_language_model_loss(labels, logits)
+        targets_lbs = labels.transpose(0, 1)
+        # The logits are a temporary of this forward: let the MCE reuse them, as Megatron's CE does.
+        loss_lb = vocab_parallel_multi_hot_cross_entropy(
+            logits, targets_lbs, ignore_index=self.tst.ignore_index, weighting=self.tst.weighting,
+            tp_group=self.pg_collection.tp, inplace=True,
+        )
+        return loss_lb.transpose(0, 1).contiguous()
+
+
+def layer_spec(config: TransformerConfig, use_transformer_engine: bool, vp_stage: Optional[int] = None):
+    """The layer (dense) or block (MoE) spec Megatron-LM's `gpt_builder` picks for this config."""
+    if config.num_moe_experts:
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
+                                          normalization=config.normalization, vp_stage=vp_stage)
+    if use_transformer_engine:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
+
+
+def validate_tst_model(config: TransformerConfig, options: GPTModelOptions, tst: TSTConfig,
+                       seq_length: Optional[int] = None, use_transformer_engine: bool = False) -> None:
+    """Refuse, with clear errors, model settings that a superposition step cannot run correctly."""
+    if seq_length is not None:
+        if seq_length % tst.bag_size:
+            raise ValueError(
+                f"--seq-length {seq_length} must be divisible by --tst-bag-size {tst.bag_size}: a superposition "
+                f"sample is {tst.bag_size} baseline samples and bags must not straddle them"
+            )
+        check_bag_layout(seq_length, tst.bag_size, tensor_parallel_size=config.tensor_model_parallel_size,
+                         sequence_parallel=config.sequence_parallel,
+                         context_parallel_size=config.context_parallel_size)
+    if config.context_parallel_size > 1 and not use_transformer_engine:
+        raise ValueError("context parallelism needs Transformer Engine (megatron-core's local attention refuses "
+                         "it): install transformer-engine or use --context-parallel-size 1")
+    if not options.untie_embeddings_and_output_weights and config.pipeline_model_parallel_size > 1:
+        raise ValueError("tied input/output embeddings across pipeline stages are not supported with TST: "
+                         "use --untie-embeddings-and-output-weights (the paper's setting) or PP=1")
+    if options.position_embedding_type not in ("rope", "learned_absolute", "none"):
+        raise ValueError(f"position embedding {options.position_embedding_type!r} is not supported with TST "
+                         "(rope, learned_absolute or none)")
+    unsupported = {
+        "mtp_num_layers": "multi-token prediction",
+        "multi_latent_attention": "multi-latent attention",
+    }
+    for field, what in unsupported.items():
+        if getattr(config, field, None):
+            raise ValueError(f"{what} is not supported with TST yet")
+
+
+def build_gpt_model(
+    config: TransformerConfig,
+    options: GPTModelOptions,
+    tst: Optional[TSTConfig] = None,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+    pg_collection=None,
+    seq_length: Optional[int] = None,
+) -> TSTGPTModel:
+    """Build one model chunk, as Megatron-LM's `gpt_builder` does, with TST settings attached.
+
+    `seq_length` (the model's L in positions) lets the TST layout checks run at build time.
+    """
+    use_te = options.uses_transformer_engine()
+    if tst is not None:
+        validate_tst_model(config, options, tst, seq_length=seq_length, use_transformer_engine=use_te)
+    elif config.context_parallel_size > 1 and not use_te:
+        raise ValueError("context parallelism needs Transformer Engine (megatron-core's local attention refuses it)")
+    return TSTGPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config, use_te, vp_stage),
+        vocab_size=options.vocab_size,
+        max_sequence_length=options.max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not options.untie_embeddings_and_output_weights,
+        position_embedding_type=options.position_embedding_type,
+        rotary_percent=options.rotary_percent,
+        rotary_base=options.rotary_base,
+        rope_scaling=options.rope_scaling,
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+        tst=tst,
+    )
+
+
+def model_provider(
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: Optional[int] = None,
+    config: Optional[TransformerConfig] = None,
+    pg_collection=None,
+    *,
+    options: GPTModelOptions,
+    tst: Optional[TSTConfig] = None,
+    seq_length: Optional[int] = None,
+) -> TSTGPTModel:
+    """A model provider in Megatron's convention: bind `options`/`tst`/`config` with functools.partial.
+
+        provider = functools.partial(model_provider, config=config, options=options, tst=tst)
+        model = provider(pre_process=True, post_process=True, vp_stage=None)
+    """
+    if config is None:
+        raise ValueError("model_provider needs a TransformerConfig (bind it with functools.partial)")
+    return build_gpt_model(config, options, tst, pre_process=pre_process, post_process=post_process,
+                           vp_stage=vp_stage, pg_collection=pg_collection, seq_length=seq_length)

@@ -1,0 +1,163 @@
+"""The TST model against a stock Megatron-Core GPTModel (TP=1, this process)."""
+
+import dataclasses
+
+import pytest
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from megatron_tst.model import GPTModelOptions, TSTGPTModel, build_gpt_model, layer_spec
+from megatron_tst.superposition import TARGETS_KEY
+from parallel_harness import IGNORE, L, MBS, S, V, Case, make_microbatches, model_options, transformer_config, tst_config
+
+
+def _stock(case):
+    config = transformer_config(case)
+    options = model_options()
+    return GPTModel(config=config, transformer_layer_spec=layer_spec(config, False), vocab_size=options.vocab_size,
+                    max_sequence_length=options.max_sequence_length, position_embedding_type="rope",
+                    share_embeddings_and_output_weights=False)
+
+
+def _ours(case, tst=None):
+    return build_gpt_model(transformer_config(case), model_options(), tst or tst_config(), seq_length=L)
+
+
+@pytest.mark.parametrize("moe", [None, "alltoall"])
+def test_recovery_step_is_the_stock_model_bit_for_bit(megatron_single_process, moe):
+    case = Case("stock", moe_dispatcher=moe)
+    torch.manual_seed(7)
+    stock = _stock(case)
+    torch.manual_seed(7)
+    ours = _ours(case)
+    batch = make_microbatches(superposition=False)[0]
+    losses = []
+    for model in (stock, ours):
+        loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        loss.sum().backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    stock_params = dict(stock.named_parameters())
+    for name, param in ours.named_parameters():
+        assert torch.equal(param, stock_params[name]), name
+        assert torch.equal(param.grad, stock_params[name].grad), name
+
+
+@pytest.mark.parametrize("moe", [None, "alltoall"])
+def test_state_dict_keys_are_the_stock_keys(megatron_single_process, moe):
+    from megatron.core import parallel_state
+
+    case = Case("keys", moe_dispatcher=moe)
+    stock, ours = _stock(case), _ours(case)
+    assert isinstance(ours, GPTModel) and type(ours) is TSTGPTModel
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    assert sorted(ours.sharded_state_dict(metadata=metadata)) == sorted(stock.sharded_state_dict(metadata=metadata))
+    # the checkpoint of one loads into the other, strictly
+    ours.load_state_dict(stock.state_dict(), strict=True)
+
+
+def test_superposition_step_equals_manual_composition(megatron_single_process):
+    """The model's superposition loss = MCE(output layer(decoder(bag means))) computed by hand, float64."""
+    from reference import mce_reference, superposed_reference
+
+    torch.manual_seed(3)
+    model = _ours(Case("manual"))
+    batch = make_microbatches(superposition=True)[0]
+    loss_bl = model(batch["tokens"], None, None, labels=batch[TARGETS_KEY], tst_superposition=True)
+    assert loss_bl.shape == (MBS, L)
+
+    decoder_input = superposed_reference(model.embedding.word_embeddings.weight.detach(), batch["tokens"], S)
+    hidden = model.decoder(hidden_states=decoder_input.float(), attention_mask=None,
+                           rotary_pos_emb=model.rotary_pos_emb(L))
+    logits, _ = model.output_layer(hidden)
+    expected = mce_reference(logits.detach().double(), batch[TARGETS_KEY].transpose(0, 1), ignore_index=IGNORE)
+    torch.testing.assert_close(loss_bl.double(), expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
+    # positions without targets (masked labels) contribute nothing
+    assert torch.all(loss_bl[batch["loss_mask"] == 0] == 0)
+
+
+def test_phase_switch_needs_no_rebuild(megatron_single_process):
+    torch.manual_seed(5)
+    model = _ours(Case("switch"))
+    sup, rec = make_microbatches(True)[0], make_microbatches(False)[0]
+    first = model(rec["tokens"], rec["position_ids"], None, labels=rec["labels"])
+    model(sup["tokens"], None, None, labels=sup[TARGETS_KEY], tst_superposition=True).sum().backward()
+    again = model(rec["tokens"], rec["position_ids"], None, labels=rec["labels"])
+    assert torch.equal(first, again)  # the superposition call left nothing behind
+
+
+def test_superposition_step_errors(megatron_single_process):
+    baseline = build_gpt_model(transformer_config(Case("b")), model_options(), None)
+    sup = make_microbatches(True)[0]
+    with pytest.raises(RuntimeError, match="built without TST settings"):
+        baseline(sup["tokens"], None, None, labels=sup[TARGETS_KEY], tst_superposition=True)
+    model = _ours(Case("e"))
+    with pytest.raises(ValueError, match=r"next-bag targets \[b, L, 4\]"):
+        model(sup["tokens"], None, None, labels=sup[TARGETS_KEY][..., :2], tst_superposition=True)
+    with pytest.raises(ValueError, match="not divisible by the bag size"):
+        model(sup["tokens"][:, :-1], None, None, labels=sup[TARGETS_KEY], tst_superposition=True)
+
+
+@pytest.mark.parametrize(
+    "config_changes,options_changes,seq_length,message",
+    [
+        ({}, {}, L + 2, "divisible by --tst-bag-size"),
+        ({"tensor_model_parallel_size": 8, "sequence_parallel": True}, {}, 12, "divisible by the TP size"),
+        ({"context_parallel_size": 4}, {}, 12, "divisible by 8"),
+        ({"context_parallel_size": 2}, {}, L, "context parallelism needs Transformer Engine"),
+        ({"pipeline_model_parallel_size": 2}, {"untie_embeddings_and_output_weights": False}, L, "tied input/output"),
+        ({}, {"position_embedding_type": "yarn"}, L, "not supported with TST"),
+        ({"mtp_num_layers": 1}, {}, L, "multi-token prediction"),
+    ],
+)
+def test_build_time_validation(megatron_single_process, config_changes, options_changes, seq_length, message):
+    from megatron_tst.model import validate_tst_model
+
+    config = transformer_config(Case("v"))
+    for field, value in config_changes.items():
+        object.__setattr__(config, field, value)  # skip __post_init__: only the fields TST checks matter
+    options = dataclasses.replace(model_options(), **options_changes)
+    with pytest.raises(ValueError, match=message):
+        validate_tst_model(config, options, tst_config(), seq_length=seq_length)
+
+
+def test_context_parallel_without_te_is_refused_at_build_even_for_baselines(megatron_single_process):
+    config = transformer_config(Case("cp"))
+    object.__setattr__(config, "context_parallel_size", 2)
+    with pytest.raises(ValueError, match="context parallelism needs Transformer Engine"):
+        build_gpt_model(config, GPTModelOptions(vocab_size=V, max_sequence_length=L), None)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_slicing_keeps_whole_bags_and_their_targets(cp):
+    """Megatron's CP split of a superposition batch: each rank gets whole bags with their own targets."""
+    import megatron.core.utils as mcore_utils
+
+    batch = make_microbatches(True)[0]
+    tokens_bls = batch["tokens"].view(MBS, L, S)
+    seen = []
+    for rank in range(cp):
+        group = _FakeGroup(rank, cp)
+        local = mcore_utils.get_batch_on_this_cp_rank(dict(batch), cp_group=group)
+        chunk = L // (2 * cp)
+        expected_positions = list(range(rank * chunk, (rank + 1) * chunk)) + list(
+            range((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk))
+        assert torch.equal(local["tokens"].view(MBS, -1, S), tokens_bls[:, expected_positions])
+        assert torch.equal(local[TARGETS_KEY], batch[TARGETS_KEY][:, expected_positions])
+        assert torch.equal(local["loss_mask"], batch["loss_mask"][:, expected_positions])
+        seen += expected_positions
+    assert sorted(seen) == list(range(L))
+
+
+class _FakeGroup:
+    """Only rank/size are read by the slicing (megatron.core.utils.get_pg_rank/get_pg_size)."""
+
+    def __init__(self, rank, size):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
