@@ -1,0 +1,1 @@
+"""Training-side helpers: tokenizers for Megatron-Core datasets and the data tools."""
