@@ -7,6 +7,7 @@ setup(
     version="0.1.0",
     description="Token-Superposition Training (TST) for NVIDIA Megatron-Core",
     packages=find_packages(include=["megatron_tst", "megatron_tst.*"]),
+    package_data={"megatron_tst.training": ["megatron_lm_flags.json"]},
     python_requires=">=3.10",
     # megatron-core 0.16.1 is pinned for development and CI in constraints.txt; the code stays on APIs
     # that exist through 0.19 (NGC containers). torch is never pinned here: install the build you want first.

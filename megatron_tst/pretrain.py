@@ -1,0 +1,258 @@
+"""Pretraining with Token-Superposition Training: `python -m megatron_tst.pretrain [Megatron-LM flags] [--tst-*]`.
+
+parse args -> tokenizer and data checks -> process groups -> model, optimizer, LR schedule -> checkpoint ->
+datasets -> train: the superposition phase for the first r of the steps, then the recovery phase, one LR
+schedule and one optimizer throughout -> final evaluation and checkpoint. Without `--tst-*` flags this is a
+plain Megatron baseline run of the same model.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import List, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+from megatron_tst.config import Phase
+from megatron_tst.flops import training_flops_per_step
+from megatron_tst.training import arguments, checkpointing, data
+from megatron_tst.training.build import (
+    build_model, build_optimizer_and_scheduler, configure_schedule_hooks, initialize_distributed)
+from megatron_tst.training.metrics import MetricsWriter, device_peak_tflops
+from megatron_tst.training.step import evaluate, train_step
+from megatron_tst.training.tokenizer import build_tokenizer, vocab_size_with_padding
+
+
+def print_rank_0(message: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(message, flush=True)
+
+
+def is_last_rank() -> bool:
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
+class Run:
+    """Everything a training run holds, built once; `train()` and `evaluate_phase()` use it."""
+
+    def __init__(self, args):
+        self.args = args
+        self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+        self.padded_vocab_size = vocab_size_with_padding(
+            self.tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+        args.padded_vocab_size = self.padded_vocab_size  # Megatron-LM's name; saved with the args
+        if not args.mock_data:  # cheap checks before any process group, model or dataset exists
+            prefixes = [p for flag in ("data_path", "train_data_path", "valid_data_path", "test_data_path")
+                        for p in arguments.data_prefixes(getattr(args, flag))]
+            data.validate_data_files(prefixes, self.tokenizer.vocab_size)
+        checkpointing.check_load_arguments(args)
+
+        initialize_distributed(args)
+        if args.ignored_flags:
+            print_rank_0(f"ignored Megatron-LM flags (they do not change what is trained here): "
+                         f"{' '.join(args.ignored_flags)}")
+        self.config = arguments.transformer_config_from_args(args)
+        self.model = build_model(args, self.config, arguments.model_options_from_args(args, self.padded_vocab_size))
+        self.optimizer, self.scheduler = build_optimizer_and_scheduler(args, self.model)
+        configure_schedule_hooks(args, self.model, self.optimizer)
+        self.state = checkpointing.TrainState()
+        if args.load or args.pretrained_checkpoint:
+            self.state = checkpointing.load_checkpoint(args, self.model, self.optimizer, self.scheduler)
+        self.plan = data.SamplePlan(args.global_batch_size, args.train_iters,
+                                    args.tst.bag_size if args.tst else 1,
+                                    args.tst_superposition_steps if args.tst else 0)
+        self.flops_per_step = training_flops_per_step(
+            arguments.model_shape_from_args(args, self.padded_vocab_size), args.seq_length, args.global_batch_size)
+        bag = self.plan.bag_size
+        eval_samples = args.eval_iters * args.global_batch_size * bag
+        self.train_ds, self.valid_ds, self.test_ds = data.build_datasets(
+            args, self.tokenizer, [self.plan.total_samples(), eval_samples, eval_samples],
+            is_built_on_rank=lambda: (parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+                                      or parallel_state.is_pipeline_last_stage(ignore_virtual=True)))
+        self.has_validation = _any_rank(self.valid_ds is not None)
+        self.recorder = (data.StreamRecorder(args.record_data_stream, args.rank)
+                         if args.record_data_stream else None)
+        self.writer = MetricsWriter(args, self.run_info()) if is_last_rank() else None
+        self.exit = checkpointing.ExitConditions(args)
+
+    def run_info(self) -> dict:
+        args = self.args
+        return {"name": args.wandb_exp_name or ("tst" if args.tst else "baseline"),
+                "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+                "tst": None if args.tst is None else {"bag_size": args.tst.bag_size,
+                                                      "superposition_steps": self.plan.superposition_steps,
+                                                      "weighting": args.tst.weighting},
+                "padded_vocab_size": self.padded_vocab_size, "flops_per_step": self.flops_per_step}
+
+    # ------------------------------------------------------------------------------------------- data
+
+    def data_iterators(self, dataset, first_sample: int, num_steps: int, bag_size: int, first_iteration: int = 0,
+                       phase: Phase = Phase.RECOVERY, record: bool = False):
+        """Per model chunk: this rank's micro-batch stream if the chunk is a first/last stage, else None."""
+        args = self.args
+        iterators: List[Optional[object]] = []
+        for chunk in self.model:
+            vp_stage = getattr(chunk.module, "vp_stage", None) if hasattr(chunk, "module") else None
+            needs = (parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+                     or parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
+            if not needs or dataset is None:
+                iterators.append(None)
+                continue
+            stream = data.micro_batches(
+                dataset, first_sample=first_sample, num_steps=num_steps, bag_size=bag_size,
+                global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
+                dp_rank=parallel_state.get_data_parallel_rank(), dp_size=args.data_parallel_size,
+                seq_length=args.seq_length, ignore_index=args.tst.ignore_index if args.tst else -100,
+                num_workers=args.num_workers)
+            iterators.append(data.strip_bookkeeping(stream, self.recorder if record else None, first_iteration,
+                                                    get_num_microbatches(), phase))
+        return iterators[0] if len(iterators) == 1 else iterators
+
+    # ------------------------------------------------------------------------------------------- eval
+
+    def evaluate_phase(self, phase: Phase) -> None:
+        """Validation LM loss (the paper's metric) in both phases, and the MCE in the superposition phase."""
+        args = self.args
+        if args.eval_iters <= 0 or not self.has_validation:
+            return
+        results = evaluate(self.data_iterators(self.valid_ds, 0, args.eval_iters, 1), args.eval_iters,
+                           self.model, args)
+        record = {"eval_lm_loss": results.get("lm loss")}
+        if phase == Phase.SUPERPOSITION:
+            mce = evaluate(self.data_iterators(self.valid_ds, 0, args.eval_iters, self.plan.bag_size),
+                           args.eval_iters, self.model, args)
+            record["eval_mce_loss"] = mce.get("mce loss")
+        if self.writer is not None:
+            self.writer.eval({"iteration": self.state.iteration, "phase": phase.value, **record,
+                              **self.state.progress()})
+
+    # ------------------------------------------------------------------------------------------- train
+
+    def train(self) -> str:
+        """Train to --train-iters (or an exit condition). Returns why training stopped."""
+        args, state, plan = self.args, self.state, self.plan
+        while state.iteration < args.train_iters:
+            phase = plan.phase_at(state.iteration)
+            if state.consumed_train_samples != plan.samples_before(state.iteration):
+                raise SystemExit(f"checkpoint at iteration {state.iteration} consumed {state.consumed_train_samples} "
+                                 f"samples, but this run's plan puts {plan.samples_before(state.iteration)} there: "
+                                 "were --global-batch-size or --tst-* changed? (use --finetune to restart counting)")
+            segment_end = plan.superposition_steps if phase == Phase.SUPERPOSITION else args.train_iters
+            if args.exit_interval:
+                segment_end = min(segment_end, (state.iteration // args.exit_interval + 1) * args.exit_interval)
+            stream = self.data_iterators(self.train_ds, state.consumed_train_samples, segment_end - state.iteration,
+                                         plan.bag_size if phase == Phase.SUPERPOSITION else 1,
+                                         state.iteration, phase, record=True)
+            stop = self._train_segment(stream, phase, segment_end)
+            if stop:
+                return stop
+        return "done"
+
+    def _train_segment(self, stream, phase: Phase, segment_end: int) -> Optional[str]:
+        args, state = self.args, self.state
+        interval = _Interval()
+        while state.iteration < segment_end:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = train_step(stream, self.model, self.optimizer, self.scheduler, args)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            samples = self.plan.samples_per_step(phase)
+            state.advance(samples, samples * args.seq_length, self.flops_per_step, seconds)
+            interval.add(out, seconds, samples * args.seq_length)
+            if state.iteration % args.log_interval == 0 or state.iteration == segment_end:
+                self._log(interval, phase)
+                interval = _Interval()
+            if args.eval_interval and state.iteration % args.eval_interval == 0:
+                self.evaluate_phase(phase)
+            if args.save and args.save_interval and state.iteration % args.save_interval == 0:
+                checkpointing.save_checkpoint(args, state, self.model, self.optimizer, self.scheduler)
+            reason = self.exit.check(state)
+            if reason:
+                if args.save:
+                    checkpointing.save_checkpoint(args, state, self.model, self.optimizer, self.scheduler)
+                return reason
+        return None
+
+    def _log(self, interval: "_Interval", phase: Phase) -> None:
+        if self.writer is None or interval.steps == 0:
+            return
+        args, state = self.args, self.state
+        elapsed = interval.seconds / interval.steps
+        flops_per_s = self.flops_per_step / elapsed
+        peak = device_peak_tflops(args.peak_tflops_per_gpu)
+        tflops = flops_per_s / args.world_size / 1e12
+        loss_name = "mce loss" if phase == Phase.SUPERPOSITION else "lm loss"
+        self.writer.train({
+            "iteration": state.iteration, "phase": phase.value, "loss_name": loss_name,
+            "loss": interval.mean(loss_name), "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
+            "grad_norm": interval.grad_norm / interval.steps, "global_batch_size": args.global_batch_size,
+            "elapsed_ms": 1e3 * elapsed, "tokens_per_s": interval.tokens / interval.seconds,
+            "positions_per_s": args.global_batch_size * args.seq_length / elapsed, "tflops_per_gpu": tflops,
+            "mfu": tflops / peak if peak else None, "skipped_iterations": interval.skipped,
+            **{k.replace(" ", "_"): v for k, v in interval.means().items() if k != loss_name},
+            **state.progress(),
+        })
+
+
+def _any_rank(flag: bool) -> bool:
+    value = torch.tensor([int(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class _Interval:
+    """Sums over the iterations since the last log line."""
+
+    def __init__(self):
+        self.steps, self.seconds, self.tokens, self.grad_norm, self.skipped = 0, 0.0, 0, 0.0, 0
+        self.loss_sums = {}
+
+    def add(self, out: dict, seconds: float, tokens: int) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.tokens += tokens
+        self.grad_norm += out["grad_norm"]
+        self.skipped += out["skipped"]
+        for key, value in out["losses"].items():
+            self.loss_sums[key] = self.loss_sums.get(key, 0.0) + value
+
+    def mean(self, key: str) -> float:
+        return self.loss_sums.get(key, float("nan")) / max(self.steps, 1)
+
+    def means(self) -> dict:
+        return {key: total / self.steps for key, total in self.loss_sums.items()}
+
+
+def main(argv=None) -> int:
+    args = arguments.parse_args(argv)
+    run = Run(args)
+    if args.tst:
+        print_rank_0(f"TST: bag size {args.tst.bag_size}, {run.plan.superposition_steps} superposition steps, "
+                     f"then {args.train_iters - run.plan.superposition_steps} recovery steps "
+                     f"({args.tst.weighting} weighting)")
+    reason = "skip-train"
+    if not args.skip_train:
+        reason = run.train()
+    if reason == "done" and not (args.eval_interval and run.state.iteration % args.eval_interval == 0):
+        run.evaluate_phase(run.plan.phase_at(run.state.iteration - 1) if run.state.iteration else Phase.RECOVERY)
+    if reason == "done" and args.save:
+        checkpointing.save_checkpoint(args, run.state, run.model, run.optimizer, run.scheduler)
+    print_rank_0(f"training stopped ({reason}) at iteration {run.state.iteration}; "
+                 f"consumed {run.state.consumed_train_samples} samples / {run.state.consumed_tokens} tokens"
+                 + (f"; checkpoints in {args.save}" if args.save else ""))
+    if run.writer is not None:
+        run.writer.close()
+    torch.distributed.barrier()
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Build the run from Megatron-Core parts: process groups, seeds, model chunks, DDP, optimizer, LR schedule."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import List
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+
+from megatron_tst.model import build_gpt_model
+from megatron_tst.platform import cpu
+from megatron_tst.training import arguments
+
+
+def initialize_distributed(args) -> None:
+    """torch.distributed (torchrun's env:// or a 1-process world), Megatron's parallel state, seeds."""
+    on_cpu = cpu.enable()
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            if not on_cpu:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend="gloo" if on_cpu else "nccl")
+        else:
+            from megatron_tst.testing.distributed import free_port
+
+            dist.init_process_group(backend="gloo" if on_cpu else "nccl",
+                                    init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    if dist.get_world_size() != args.world_size:
+        raise SystemExit(f"the arguments were validated for {args.world_size} processes but "
+                         f"{dist.get_world_size()} were started")
+    args.rank = dist.get_rank()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+    )
+    set_random_seed(args.seed)
+    init_num_microbatches_calculator(args.rank, None, args.global_batch_size, args.micro_batch_size,
+                                     args.data_parallel_size)
+
+
+def set_random_seed(seed: int) -> None:
+    """Megatron-LM's seeding: one seed per pipeline stage, per-rank streams through the RNG tracker."""
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def build_model(args, config, options) -> List[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), wrapped as Megatron-LM wraps them."""
+    vpp = args.virtual_pipeline_model_parallel_size
+    chunks = []
+    for i in range(vpp or 1):
+        vp_stage = i if vpp else None
+        chunk = build_gpt_model(
+            config, options, args.tst,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage, seq_length=args.seq_length,
+        )
+        for param in chunk.parameters():
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        if args.bf16 or args.fp16:
+            chunk = Float16Module(config, chunk)
+        chunks.append(chunk)
+    ddp_config = arguments.ddp_config_from_args(args)
+    return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=(i > 0)) for i, chunk in enumerate(chunks)]
+
+
+def build_optimizer_and_scheduler(args, model):
+    """Megatron's optimizer (distributed or not) and its LR/WD schedule, in samples as Megatron-LM counts."""
+    config = arguments.optimizer_config_from_args(args)
+    overrides = None
+    try:  # megatron-core >= 0.17 makes the classic weight-decay skips explicit
+        from megatron.core.optimizer import get_standard_config_overrides
+
+        overrides = get_standard_config_overrides(config)
+    except ImportError:
+        pass
+    optimizer = get_megatron_optimizer(config, model, config_overrides=overrides)
+    gbs = args.global_batch_size
+    decay_steps = args.lr_decay_iters * gbs
+    warmup_steps = (args.lr_warmup_fraction * decay_steps if args.lr_warmup_fraction is not None
+                    else args.lr_warmup_iters * gbs)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=warmup_steps, lr_decay_steps=decay_steps, lr_decay_style=args.lr_decay_style,
+        start_wd=args.start_weight_decay, end_wd=args.end_weight_decay, wd_incr_steps=args.train_iters * gbs,
+        wd_incr_style=args.weight_decay_incr_style,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
+        wsd_decay_steps=args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters else None,
+        lr_wsd_decay_style=args.lr_wsd_decay_style,
+    )
+    return optimizer, scheduler
+
+
+def configure_schedule_hooks(args, model, optimizer) -> None:
+    """The TransformerConfig callbacks Megatron's pipeline schedules call (as Megatron-LM's train() sets)."""
+    config = model[0].config
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    if args.overlap_grad_reduce:
+        sync = [chunk.no_sync for chunk in model]
+        config.no_sync_func = sync[0] if len(sync) == 1 else sync
+    if args.overlap_param_gather:
+        params = [chunk.start_param_sync for chunk in model]
+        config.param_sync_func = params[0] if len(params) == 1 else params

@@ -1,0 +1,473 @@
+"""Checkpoints in Megatron-LM's torch_dist layout, interchangeable with Megatron-LM's in both directions.
+
+Layout (what Megatron-LM's `save_checkpoint` writes):
+    <save>/latest_checkpointed_iteration.txt            "100"
+    <save>/iter_0000100/   megatron.core.dist_checkpointing: .metadata, __<rank>_<k>.distcp, metadata.json and,
+                           with megatron-core <= 0.18, common.pt
+    state dict: args (argparse.Namespace of plain values, consumed_train_samples included), checkpoint_version 3.0,
+                iteration, model (model0, model1, ... with virtual pipelining), optimizer (sharded; the distributed
+                optimizer's too), opt_param_scheduler, rng_state (one ShardedObject per PP x TP rank),
+                num_floating_point_operations_so_far, content_metadata, and `tst` (ours: bag size, phase plan,
+                consumed samples/tokens, wall time; Megatron-LM ignores it).
+
+Reading accepts both common-state layouts: `common.pt` (megatron-core <= 0.18) and the `common_state` sharded
+object inside the .distcp files (megatron-core 0.19, which Megatron-LM 0.19 writes).
+
+Safety: nothing is unpickled with `weights_only=False`. Common state, RNG states and other sharded objects are
+loaded with `torch.load(weights_only=True)` and an allow-list (megatron-core's safe globals, argparse.Namespace,
+and inert stand-ins for enum classes of newer megatron-core versions, e.g. a 0.19 checkpoint's args).
+A save goes to `iter_N.tmp` and is renamed to `iter_N` only when complete; the tracker file is then replaced
+atomically, so a crash at any point leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
+from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
+from megatron.core.utils import unwrap_model
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+# Model arguments that must match between a checkpoint and the run that loads it (Megatron-LM names).
+MODEL_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+              "ffn_hidden_size", "padded_vocab_size", "position_embedding_type", "normalization", "swiglu",
+              "untie_embeddings_and_output_weights", "num_experts", "moe_ffn_hidden_size", "qk_layernorm")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# run state
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Progress of a run: what a checkpoint restores besides model, optimizer and schedule."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0  # baseline samples (Megatron-LM's unit of data progress)
+    consumed_tokens: int = 0  # raw tokens
+    num_floating_point_operations_so_far: float = 0.0
+    wall_time_s: float = 0.0  # training time, summed over resumes
+
+    def advance(self, samples: int, tokens: int, flops: float, seconds: float) -> None:
+        self.iteration += 1
+        self.consumed_train_samples += samples
+        self.consumed_tokens += tokens
+        self.num_floating_point_operations_so_far += flops
+        self.wall_time_s += seconds
+
+    def progress(self) -> dict:
+        return {"consumed_samples": self.consumed_train_samples, "consumed_tokens": self.consumed_tokens,
+                "flops": self.num_floating_point_operations_so_far, "wall_time_s": self.wall_time_s}
+
+
+class ExitConditions:
+    """Megatron-LM's exits: --exit-signal-handler (SIGTERM, and SLURM's SIGUSR1), --exit-duration-in-mins,
+    --exit-interval. All ranks agree (one all-reduce) before anyone stops."""
+
+    def __init__(self, args):
+        self.args = args
+        self.start = time.time()
+        self.signalled = None
+        if args.exit_signal_handler:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signalled = signal.Signals(signum).name
+
+    def check(self, state: TrainState) -> Optional[str]:
+        args = self.args
+        local = 0
+        if self.signalled:
+            local = 3
+        elif args.exit_duration_in_mins and (time.time() - self.start) / 60 > args.exit_duration_in_mins:
+            local = 2
+        flag = torch.tensor([local], dtype=torch.int32,
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        reason = {3: "exit signal", 2: f"--exit-duration-in-mins {args.exit_duration_in_mins}"}.get(int(flag))
+        if reason is None and args.exit_interval and state.iteration % args.exit_interval == 0:
+            reason = f"--exit-interval {args.exit_interval}"
+        return reason
+
+
+# --------------------------------------------------------------------------------------------------------------
+# safe unpickling
+
+
+class UnknownMegatronObject:
+    """Stand-in for a megatron class a checkpoint names but this megatron-core version lacks (e.g. a 0.19 enum)."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"UnknownMegatronObject{self.args}"
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def safe_torch_load(source, map_location="cpu"):
+    """torch.load(weights_only=True) with megatron-core's allow-list; unknown megatron classes become stand-ins.
+
+    Anything else outside the allow-list is refused (never executed).
+    """
+    from megatron.core.safe_globals import register_safe_globals
+
+    register_safe_globals()
+    torch.serialization.add_safe_globals([argparse.Namespace, UnknownMegatronObject])
+    data = source.read() if hasattr(source, "read") else open(source, "rb").read()
+    for _ in range(64):
+        try:
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        except Exception as err:  # pickle.UnpicklingError with torch's message
+            match = _UNSUPPORTED_GLOBAL.search(str(err))
+            if not match or not match.group(1).startswith("megatron."):
+                raise
+            torch.serialization.add_safe_globals([(UnknownMegatronObject, match.group(1))])
+    raise RuntimeError("too many unknown classes in a checkpoint object")
+
+
+class _SafeLoadPlanner(torch_strategy.MCoreLoadPlanner):
+    """Megatron's load planner, unpickling sharded objects with `safe_torch_load` instead of weights_only=False."""
+
+    def load_bytes(self, read_item, value):
+        obj = safe_torch_load(value)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+@contextlib.contextmanager
+def _safe_sharded_objects():
+    """Within: megatron's torch_dist loader uses `_SafeLoadPlanner` (it looks the planner class up at call time)."""
+    original = torch_strategy.MCoreLoadPlanner
+    torch_strategy.MCoreLoadPlanner = _SafeLoadPlanner
+    try:
+        yield
+    finally:
+        torch_strategy.MCoreLoadPlanner = original
+
+
+class CommonStateLoadStrategy(TorchCommonLoadStrategy):
+    """Common state from `common.pt` (megatron-core <= 0.18) or the `common_state` object (0.19), unpickled safely."""
+
+    def load_common(self, checkpoint_dir):
+        path = os.path.join(checkpoint_dir, COMMON_STATE_FNAME)
+        if os.path.exists(path):
+            return safe_torch_load(path)
+        import torch.distributed.checkpoint as dcp
+
+        key = ShardedObject("common_state", None, (1,), (0,)).unique_key
+        holder = {key: io.BytesIO()}
+        planner = _SafeLoadPlanner()
+        dcp.load(holder, storage_reader=torch_strategy._get_filesystem_reader(checkpoint_dir),
+                 planner=planner, no_dist=True)
+        loaded = holder[key]
+        if isinstance(loaded, io.BytesIO):
+            loaded = safe_torch_load(loaded)
+        return loaded[0] if isinstance(loaded, list) else loaded
+
+
+def read_common_state(checkpoint_dir: str) -> dict:
+    """The non-sharded part of a checkpoint (args, iteration, scheduler, ...), safely. Cheap; any rank."""
+    return CommonStateLoadStrategy().load_common(checkpoint_dir)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# paths
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: Optional[str]) -> Optional[int]:
+    """The iteration named by the tracker file, or None."""
+    if not root:
+        return None
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if text == "release":
+        raise ValueError(f"{path} names a 'release' checkpoint; converted release checkpoints are not supported")
+    return int(text)
+
+
+def _resolve(args):
+    """(directory, iteration, finetune) of the checkpoint this run loads, or None."""
+    if args.load:
+        iteration = args.ckpt_step if args.ckpt_step is not None else latest_iteration(args.load)
+        if iteration is not None:
+            return checkpoint_dir(args.load, iteration), iteration, args.finetune
+    if args.pretrained_checkpoint:
+        iteration = latest_iteration(args.pretrained_checkpoint)
+        if iteration is None:
+            raise SystemExit(f"--pretrained-checkpoint {args.pretrained_checkpoint}: no {TRACKER}")
+        return checkpoint_dir(args.pretrained_checkpoint, iteration), iteration, True
+    return None
+
+
+def check_load_arguments(args) -> None:
+    """Before any heavy work: the checkpoint to load exists, is complete, and fits the model arguments."""
+    if not (args.load or args.pretrained_checkpoint):
+        return
+    target = _resolve(args)
+    if target is None:
+        if args.exit_on_missing_checkpoint:
+            raise SystemExit(f"--exit-on-missing-checkpoint: no checkpoint in --load {args.load}")
+        print(f"no checkpoint found in --load {args.load}: starting from scratch", flush=True)
+        return
+    directory, iteration, _ = target
+    if not os.path.isfile(os.path.join(directory, "metadata.json")):
+        raise SystemExit(f"checkpoint {directory} (iteration {iteration}) is missing or incomplete")
+    common = read_common_state(directory)
+    ckpt_args = common.get("args")
+    if ckpt_args is None:
+        return
+    mismatches = []
+    for name in MODEL_ARGS:
+        ours, theirs = _model_arg(args, name), _model_arg(ckpt_args, name)
+        if theirs is not None and ours != theirs:
+            mismatches.append(f"--{name.replace('_', '-')}: checkpoint {theirs!r}, this run {ours!r}")
+    if mismatches:
+        raise SystemExit(f"checkpoint {directory} does not match the model arguments:\n  " + "\n  ".join(mismatches))
+
+
+def _model_arg(namespace, name):
+    value = getattr(namespace, name, None)
+    if name == "num_query_groups" and not getattr(namespace, "group_query_attention", False):
+        return getattr(namespace, "num_attention_heads", None)
+    if name == "moe_ffn_hidden_size" and getattr(namespace, "num_experts", None) is None:
+        return None
+    if name == "moe_ffn_hidden_size" and value is None:
+        return getattr(namespace, "ffn_hidden_size", None)
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# state dict
+
+
+def _sharded_metadata(args) -> dict:
+    """What Megatron-LM records as content metadata, and passes to sharded_state_dict()."""
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if args.use_distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = (
+            "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable")
+    return metadata
+
+
+def _rng_state_object() -> ShardedObject:
+    state = {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state(),
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject(
+        "rng_state", [state],
+        (parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+_PLAIN = (int, float, str, bool, type(None), torch.dtype)
+
+
+def _saved_args(args, state: TrainState, padded_vocab_size: int) -> argparse.Namespace:
+    """The args Namespace Megatron-LM expects: plain values only, with its derived fields."""
+    saved = {}
+    for key, value in vars(args).items():
+        if isinstance(value, _PLAIN) or (isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value)):
+            saved[key] = value
+    saved.update(
+        consumed_train_samples=state.consumed_train_samples, skipped_train_samples=0, consumed_valid_samples=0,
+        padded_vocab_size=padded_vocab_size, add_position_embedding=args.position_embedding_type == "learned_absolute",
+        use_rotary_position_embeddings=args.position_embedding_type == "rope", rotary_interleaved=False,
+        apply_layernorm_1p=False, apply_query_key_layer_scaling=False, ckpt_format="torch_dist", use_dist_ckpt=True,
+        data_parallel_size=args.data_parallel_size, world_size=args.world_size, iteration=state.iteration,
+    )
+    return argparse.Namespace(**saved)
+
+
+def _model_key(i: int, model) -> str:
+    return "model" if len(model) == 1 else f"model{i}"
+
+
+def _state_dict(args, state, model, optimizer, scheduler, padded_vocab_size, *, for_loading=False,
+                load_optimizer=True, load_rng=True) -> dict:
+    metadata = {**_sharded_metadata(args),
+                "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    sd = {}
+    for i, chunk in enumerate(model):
+        sd[_model_key(i, model)] = unwrap_model(chunk).sharded_state_dict(metadata=metadata)
+    include_optimizer = load_optimizer if for_loading else not args.no_save_optim
+    if include_optimizer:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=for_loading, metadata=metadata)
+    if load_rng and (for_loading or not args.no_save_rng):
+        sd["rng_state"] = _rng_state_object()
+    if not for_loading:
+        sd.update(
+            args=_saved_args(args, state, padded_vocab_size), checkpoint_version=CHECKPOINT_VERSION,
+            iteration=state.iteration, opt_param_scheduler=scheduler.state_dict(),
+            num_floating_point_operations_so_far=state.num_floating_point_operations_so_far,
+            tst=_tst_state(args, state),
+        )
+    return sd
+
+
+def _tst_state(args, state: TrainState) -> dict:
+    tst = getattr(args, "tst", None)
+    return {
+        "version": 1, "bag_size": tst.bag_size if tst else 1,
+        "superposition_steps": getattr(args, "tst_superposition_steps", 0) if tst else 0,
+        "weighting": tst.weighting if tst else None, "train_iters": args.train_iters,
+        "phase_of_next_step": ("superposition" if tst and state.iteration < args.tst_superposition_steps
+                               else "recovery"),
+        "consumed_train_samples": state.consumed_train_samples, "consumed_tokens": state.consumed_tokens,
+        "wall_time_s": state.wall_time_s, "seq_length": args.seq_length,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# save
+
+
+def save_checkpoint(args, state: TrainState, model, optimizer, scheduler) -> None:
+    """Save at `state.iteration` to --save; complete or not at all (see module docstring)."""
+    root = args.save
+    final = checkpoint_dir(root, state.iteration)
+    if latest_iteration(root) == state.iteration and os.path.isdir(final):
+        return  # this exact state is the tracked checkpoint already (e.g. saved right after loading it)
+    partial = final + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed save
+        os.makedirs(partial)
+    dist.barrier()
+    padded_vocab_size = unwrap_model(model[0]).vocab_size
+    sd = _state_dict(args, state, model, optimizer, scheduler, padded_vocab_size)
+    strategy = torch_strategy.TorchDistSaveShardedStrategy("torch_dist", 1)
+    dist_checkpointing.save(sd, partial, strategy, validate_access_integrity=True,
+                            content_metadata=_sharded_metadata(args))
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)  # an untracked leftover (the tracked one was handled above)
+        os.replace(partial, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(state.iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    dist.barrier()
+    if rank == 0:
+        print(f"saved checkpoint at iteration {state.iteration} to {final}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# load
+
+
+def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
+    """Load what --load / --pretrained-checkpoint names (Megatron-LM semantics); returns the run state."""
+    target = _resolve(args)
+    if target is None:
+        return TrainState()
+    directory, iteration, finetune = target
+    common = read_common_state(directory)
+    ckpt_args = common.get("args") or argparse.Namespace()
+    metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+    same_layout = (getattr(ckpt_args, "tensor_model_parallel_size", 1) == args.tensor_model_parallel_size
+                   and getattr(ckpt_args, "pipeline_model_parallel_size", 1) == args.pipeline_model_parallel_size)
+    load_optimizer = not (finetune or args.no_load_optim or getattr(ckpt_args, "no_save_optim", False))
+    load_rng = (same_layout and not (finetune or args.no_load_rng or getattr(ckpt_args, "no_save_rng", False))
+                and _has_rng_state(directory))
+    if load_optimizer and args.use_distributed_optimizer:
+        if metadata.get("distrib_optim_sharding_type") not in ("fully_reshardable", "dp_reshardable"):
+            raise SystemExit(f"checkpoint {directory}: distributed-optimizer sharding type "
+                             f"{metadata.get('distrib_optim_sharding_type')!r} cannot be loaded here; use --no-load-optim")
+    load_args = argparse.Namespace(**{**vars(args), "use_distributed_optimizer": args.use_distributed_optimizer,
+                                      "dist_ckpt_optim_fully_reshardable":
+                                          metadata.get("distrib_optim_sharding_type") == "fully_reshardable"})
+    sd = _state_dict(load_args, None, model, optimizer, scheduler, None, for_loading=True,
+                     load_optimizer=load_optimizer, load_rng=load_rng)
+    with _safe_sharded_objects():
+        loaded = dist_checkpointing.load(sd, directory, torch_strategy.TorchDistLoadShardedStrategy(),
+                                         CommonStateLoadStrategy(), validate_access_integrity=True)
+    for i, chunk in enumerate(model):
+        unwrap_model(chunk).load_state_dict(loaded[_model_key(i, model)], strict=True)
+    if load_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+        if "opt_param_scheduler" in loaded:
+            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if load_rng:
+        _restore_rng(loaded["rng_state"])
+    elif dist.get_rank() == 0 and not finetune:
+        print(f"RNG state of {directory} not loaded (different TP/PP layout, --no-load-rng, or none saved)",
+              flush=True)
+    if finetune:
+        state = TrainState()
+    else:
+        tst = loaded.get("tst") or {}
+        samples = int(getattr(ckpt_args, "consumed_train_samples", 0))
+        state = TrainState(
+            iteration=int(loaded.get("iteration", iteration)), consumed_train_samples=samples,
+            consumed_tokens=int(tst.get("consumed_tokens", samples * getattr(ckpt_args, "seq_length", args.seq_length))),
+            num_floating_point_operations_so_far=float(loaded.get("num_floating_point_operations_so_far", 0.0)),
+            wall_time_s=float(tst.get("wall_time_s", 0.0)),
+        )
+    if dist.get_rank() == 0:
+        print(f"loaded checkpoint {directory} (iteration {iteration}"
+              f"{', weights only' if finetune else ''}; consumed samples {state.consumed_train_samples})", flush=True)
+    return state
+
+
+def _has_rng_state(directory: str) -> bool:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(directory).read_metadata().state_dict_metadata
+    return any(k.startswith("rng_state/") for k in keys)
+
+
+def _restore_rng(rng_list) -> None:
+    state = rng_list[0] if isinstance(rng_list, list) else rng_list
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    device_state = state["cuda_rng_state"]
+    tracker_states = state.get("rng_tracker_states") or {}
+    if torch.cuda.is_available() or device_state.numel() == torch.get_rng_state().numel():
+        torch.cuda.set_rng_state(device_state)
+        tensor_parallel.get_cuda_rng_tracker().set_states(tracker_states)
+    elif dist.get_rank() == 0:
+        print("the checkpoint's CUDA RNG states do not apply on CPU: kept this run's device RNG streams", flush=True)

@@ -1,0 +1,211 @@
+"""Data for both phases from Megatron-Core's datasets, with the baseline sample index as the unit of progress.
+
+The train dataset is Megatron's `GPTDataset` (via `BlendedMegatronDatasetBuilder`: blends, splits, caching),
+whose sample k is L+1 tokens (tokens = first L, labels = last L). A baseline step reads G consecutive samples
+(G = global batch); a superposition step reads G superposed rows, row q being the s consecutive samples
+[c + q*s, c + q*s + s) concatenated (s*L tokens, s segments). So across the whole run the consumed samples
+are 0, 1, 2, ... in order, exactly the stream a baseline run of the same dataset reads: nothing is repeated
+or skipped at the switch or at a resume, and progress is `consumed_train_samples` (baseline samples), as in
+Megatron-LM. Within a step, micro-batch j of data-parallel rank r holds rows
+j*mbs*dp + r*mbs + [0, mbs), Megatron-LM's pretraining sampler order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from megatron_tst.config import Phase
+from megatron_tst.superposition import make_superposition_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplePlan:
+    """How many baseline samples each step consumes, phase by phase."""
+
+    global_batch_size: int
+    train_iters: int
+    bag_size: int = 1
+    superposition_steps: int = 0
+
+    def phase_at(self, iteration: int) -> Phase:
+        """Phase of the step that starts after `iteration` completed steps."""
+        return Phase.SUPERPOSITION if iteration < self.superposition_steps else Phase.RECOVERY
+
+    def samples_per_step(self, phase: Phase) -> int:
+        return self.global_batch_size * (self.bag_size if phase == Phase.SUPERPOSITION else 1)
+
+    def samples_before(self, iteration: int) -> int:
+        """Baseline samples consumed by the first `iteration` steps."""
+        sup = min(iteration, self.superposition_steps)
+        return sup * self.samples_per_step(Phase.SUPERPOSITION) + (iteration - sup) * self.global_batch_size
+
+    def total_samples(self) -> int:
+        return self.samples_before(self.train_iters)
+
+
+def validate_data_files(prefixes: List[str], vocab_size: int, max_tokens_checked: int = 50_000_000) -> None:
+    """Before any heavy work: each .bin matches its .idx, and its token ids fit the model's vocabulary.
+
+    Scans up to `max_tokens_checked` tokens per file for the largest id. Raises ValueError.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for prefix in prefixes:
+        try:
+            dataset = IndexedDataset(prefix, mmap=True)
+        except Exception as err:  # a truncated or foreign .idx
+            raise ValueError(f"{prefix}.idx cannot be read as a Megatron index: {err}") from err
+        expected = int(np.sum(dataset.index.sequence_lengths, dtype=np.int64))
+        dtype = np.dtype(dataset.index.dtype)
+        actual = os.path.getsize(prefix + ".bin") // dtype.itemsize
+        if actual != expected:
+            raise ValueError(f"{prefix}.bin holds {actual} tokens but {prefix}.idx describes {expected}: "
+                             "the .bin and .idx do not belong together")
+        tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")[:max_tokens_checked]
+        largest = int(tokens.max()) if tokens.size else -1
+        if largest >= vocab_size:
+            raise ValueError(f"{prefix}.bin holds token id {largest}, outside the model's vocabulary of {vocab_size} "
+                             "(was the data tokenized with another tokenizer or a larger --vocab-size?)")
+
+
+def _blend(paths):
+    from megatron_tst.training.arguments import data_prefixes
+
+    if not paths:
+        return None
+    prefixes = data_prefixes(paths)
+    weights = [float(w) for w in paths[0::2]] if len(prefixes) != len(paths) else None
+    return prefixes, weights
+
+
+def build_datasets(args, tokenizer, sizes: List[int], is_built_on_rank):
+    """(train, valid, test) GPTDatasets of at least `sizes` samples, through Megatron-Core's builder."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    per_split = None
+    if args.train_data_path or args.valid_data_path or args.test_data_path:
+        per_split = [_blend(args.train_data_path), _blend(args.valid_data_path), _blend(args.test_data_path)]
+    config = GPTDatasetConfig(
+        random_seed=args.seed, sequence_length=args.seq_length,
+        blend=None if per_split else _blend(args.data_path), blend_per_split=per_split,
+        split=None if per_split else args.split, path_to_cache=args.data_cache_path, tokenizer=tokenizer,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=False,
+    )
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank, config).build()
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Row q of a stream = baseline samples first + q*s ... first + q*s + s - 1, concatenated."""
+
+    def __init__(self, dataset, first_sample: int, bag_size: int):
+        self.dataset, self.first_sample, self.bag_size = dataset, first_sample, bag_size
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def sample_ids(self, row: int) -> List[int]:
+        start = self.first_sample + row * self.bag_size
+        return list(range(start, start + self.bag_size))
+
+    def __getitem__(self, row: int) -> dict:
+        samples = [self.dataset[i] for i in self.sample_ids(row)]
+        out = {key: torch.cat([torch.as_tensor(s[key]) for s in samples])
+               for key in ("tokens", "labels", "loss_mask")}
+        out["sample_ids"] = torch.tensor(self.sample_ids(row))
+        return out
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    """Row indices of this DP rank's micro-batches, step after step (Megatron-LM's order)."""
+
+    def __init__(self, num_steps, global_batch_size, micro_batch_size, dp_rank, dp_size):
+        self.num_steps, self.gbs, self.mbs = num_steps, global_batch_size, micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    def __len__(self):
+        return self.num_steps * self.gbs // (self.mbs * self.dp_size)
+
+    def __iter__(self):
+        per_micro = self.mbs * self.dp_size
+        for step in range(self.num_steps):
+            for j in range(self.gbs // per_micro):
+                start = step * self.gbs + j * per_micro + self.dp_rank * self.mbs
+                yield list(range(start, start + self.mbs))
+
+
+@dataclasses.dataclass
+class _Collate:
+    bag_size: int
+    seq_length: int
+    ignore_index: int
+
+    def __call__(self, rows: List[dict]) -> dict:
+        tokens = torch.stack([r["tokens"] for r in rows]).long()
+        labels = torch.stack([r["labels"] for r in rows]).long()
+        loss_mask = torch.stack([r["loss_mask"] for r in rows]).float()
+        sample_ids = torch.stack([r["sample_ids"] for r in rows])
+        if self.bag_size > 1:
+            batch = make_superposition_batch(tokens, labels, loss_mask, self.bag_size,
+                                             segment_length=self.seq_length, ignore_index=self.ignore_index)
+        else:
+            positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous()
+            batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": positions}
+        batch["sample_ids"] = sample_ids
+        return batch
+
+
+def micro_batches(dataset, *, first_sample: int, num_steps: int, bag_size: int, global_batch_size: int,
+                  micro_batch_size: int, dp_rank: int, dp_size: int, seq_length: int, ignore_index: int = -100,
+                  num_workers: int = 0) -> Iterator[dict]:
+    """This DP rank's micro-batches for `num_steps` steps starting at baseline sample `first_sample`.
+
+    bag_size 1 gives stock micro-batches ({tokens, labels, loss_mask, position_ids} [mbs, L]); bag_size s > 1
+    gives superposition micro-batches (superposition.make_superposition_batch of [mbs, s*L] rows). Every
+    micro-batch also carries `sample_ids` [mbs, s] (the baseline samples it holds), which `strip_bookkeeping`
+    removes before the model sees it.
+    """
+    loader = torch.utils.data.DataLoader(
+        _Rows(dataset, first_sample, bag_size),
+        batch_sampler=_StepSampler(num_steps, global_batch_size, micro_batch_size, dp_rank, dp_size),
+        collate_fn=_Collate(bag_size, seq_length, ignore_index), num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+        # Its own generator: a loader must not draw from the global RNG (dropout's stream), or creating one
+        # at a resume or at the phase switch would shift that stream.
+        generator=torch.Generator().manual_seed(first_sample),
+    )
+    return iter(loader)
+
+
+class StreamRecorder:
+    """Writes, per micro-batch, the baseline sample ids and token ids this rank trains on (JSON lines)."""
+
+    def __init__(self, directory: str, rank: int):
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, f"rank{rank:04d}.jsonl")
+
+    def record(self, iteration: int, phase: Phase, batch: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"iteration": iteration, "phase": phase.value,
+                                "sample_ids": batch["sample_ids"].tolist(),
+                                "tokens": batch["tokens"].tolist()}) + "\n")
+
+
+def strip_bookkeeping(batches: Iterator[dict], recorder: Optional[StreamRecorder] = None,
+                      first_iteration: int = 0, microbatches_per_step: int = 1,
+                      phase: Phase = Phase.RECOVERY) -> Iterator[dict]:
+    """Drop `sample_ids` (recording them first if asked) so that batches hold only model inputs."""
+    for count, batch in enumerate(batches):
+        if recorder is not None:
+            recorder.record(first_iteration + count // microbatches_per_step, phase, batch)
+        batch = dict(batch)
+        batch.pop("sample_ids")
+        yield batch

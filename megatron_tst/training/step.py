@@ -1,0 +1,76 @@
+"""One optimizer step and one evaluation, through Megatron's pipeline schedules (either phase).
+
+The phase is in the data: the same `forward_step` runs superposition and recovery micro-batches. Losses
+come back through Megatron's 3-tuple protocol and are reduced as Megatron-LM reduces them: summed over
+micro-batches, all-reduced over the data-parallel (+ context-parallel) group, divided by the token count.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Union
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_tst.forward_step import forward_step
+
+DataIterators = Union[Optional[Iterator[dict]], List[Optional[Iterator[dict]]]]
+
+
+def _reduce_losses(reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    """{loss name: global-batch mean} on the last pipeline stage; {} elsewhere."""
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True) or not reports:
+        return {}
+    reduced = {}
+    for key in reports[0]:
+        totals = torch.vstack([r[key].view(-1).float() for r in reports]).sum(dim=0)
+        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        reduced[key] = float(totals[0] / totals[1].clamp(min=1))
+    return reduced
+
+
+def train_step(data: DataIterators, model, optimizer, scheduler, args) -> dict:
+    """Zero grads, forward/backward all micro-batches, optimizer step, LR step. Returns losses and grad norm."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=data, model=model,
+        num_microbatches=get_num_microbatches(), seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size, forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=args.global_batch_size)
+    return {"losses": _reduce_losses(reports), "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+            "skipped": 0 if update_successful else 1}
+
+
+@torch.no_grad()
+def evaluate(data: DataIterators, num_steps: int, model, args) -> Dict[str, float]:
+    """Mean loss over `num_steps` global batches (forward only); `data` streams all of their micro-batches."""
+    for chunk in model:
+        chunk.eval()
+    totals: Dict[str, List[float]] = {}
+    for _ in range(num_steps):
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=data, model=model,
+            num_microbatches=get_num_microbatches(), seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size, forward_only=True,
+        )
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            for key in reports[0]:
+                summed = torch.vstack([r[key].view(-1).float() for r in reports]).sum(dim=0)
+                acc = totals.setdefault(key, [0.0, 0.0])
+                acc[0] += float(summed[0])
+                acc[1] += float(summed[1])
+    for chunk in model:
+        chunk.train()
+    out = {}
+    for key, (loss_sum, count) in totals.items():
+        pair = torch.tensor([loss_sum, count], dtype=torch.float64)
+        torch.distributed.all_reduce(pair, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        out[key] = float(pair[0] / pair[1].clamp(min=1))
+    return out
