@@ -47,7 +47,10 @@ class Run:
         if not args.mock_data:  # cheap checks before any process group, model or dataset exists
             prefixes = [p for flag in ("data_path", "train_data_path", "valid_data_path", "test_data_path")
                         for p in arguments.data_prefixes(getattr(args, flag))]
-            data.validate_data_files(prefixes, self.tokenizer.vocab_size)
+            try:
+                data.validate_data_files(prefixes, self.tokenizer.vocab_size)
+            except ValueError as err:
+                raise SystemExit(f"error: {err}") from None
         checkpointing.check_load_arguments(args)
 
         initialize_distributed(args)

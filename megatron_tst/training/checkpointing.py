@@ -306,6 +306,8 @@ def _saved_args(args, state: TrainState, padded_vocab_size: int) -> argparse.Nam
     """The args Namespace Megatron-LM expects: plain values only, with its derived fields."""
     saved = {}
     for key, value in vars(args).items():
+        if key in ("rank", "local_rank"):
+            continue
         if isinstance(value, _PLAIN) or (isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value)):
             saved[key] = value
     saved.update(
@@ -375,6 +377,9 @@ def save_checkpoint(args, state: TrainState, model, optimizer, scheduler) -> Non
         os.makedirs(partial)
     dist.barrier()
     padded_vocab_size = unwrap_model(model[0]).vocab_size
+    wall_time = torch.tensor([state.wall_time_s], dtype=torch.float64)
+    dist.broadcast(wall_time, src=0)  # one value in the (replicated) common state
+    state.wall_time_s = float(wall_time)
     sd = _state_dict(args, state, model, optimizer, scheduler, padded_vocab_size)
     strategy = torch_strategy.TorchDistSaveShardedStrategy("torch_dist", 1)
     dist_checkpointing.save(sd, partial, strategy, validate_access_integrity=True,

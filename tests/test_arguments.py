@@ -1,0 +1,104 @@
+"""The command line: Megatron-LM's flags unchanged, TST flags, YAML form, and bad input refused early."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from megatron_tst.training.arguments import parse_args
+from megatron_tst.training.data import validate_data_files
+from text_corpus import VOCAB_SIZE, build_byte_corpus
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "megatron_lm")
+SMALL = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --micro-batch-size 2 "
+         "--train-iters 10 --lr 1e-3 --tokenizer-type NullTokenizer --vocab-size 257 --mock-data").split()
+
+
+def _fixture_argv(name):
+    path = os.path.join(FIXTURES, f"{name}.json")
+    if not os.path.exists(path):
+        pytest.skip(f"fixture {path} not available")
+    return json.load(open(path))["megatron_cli_args_str"].replace("<checkpoint_dir>", "/tmp/x").split()
+
+
+@pytest.mark.parametrize("name", ["megatron_lm_gpt_tp1", "megatron_lm_moe_tp1"])
+def test_megatron_lm_command_lines_parse_unchanged(name):
+    args = parse_args(_fixture_argv(name) + ["--mock-data"], world_size=1)
+    assert (args.num_layers, args.hidden_size, args.num_query_groups, args.ffn_hidden_size) == (2, 64, 2, 128)
+    assert args.swiglu and args.untie_embeddings_and_output_weights and not args.tst
+    assert args.lr_warmup_iters == 5 and args.save == "/tmp/x" and args.global_batch_size == 4
+    assert "--distributed-backend" in args.ignored_flags and "--no-masked-softmax-fusion" in args.ignored_flags
+    assert "--transformer-impl" in args.ignored_flags
+    if "moe" in name:
+        assert (args.num_experts, args.moe_router_topk, args.lr_decay_style) == (4, 2, "WSD")
+
+
+def test_ignored_flag_values_are_not_misread():
+    # --transformer-impl takes a value: "local" must not become a positional or another flag's value
+    args = parse_args(SMALL + ["--transformer-impl", "local", "--timing-log-level", "2"], world_size=1)
+    assert args.ignored_flags == ["--timing-log-level", "--transformer-impl"]
+
+
+def test_megatron_flags_that_would_change_training_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(SMALL + ["--fp8-format", "hybrid"], world_size=1)
+    assert "not supported by megatron-tst: --fp8-format" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(SMALL + ["--not-a-megatron-flag"], world_size=1)
+
+
+def test_tst_flags_and_yaml_config(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("tst-bag-size: 4\ntst_superposition_ratio: 0.3\nlr: 5.0e-4\nswiglu: true\n")
+    args = parse_args(SMALL + ["--config", str(config), "--lr", "2e-3"], world_size=1)
+    assert args.tst.bag_size == 4 and args.tst_superposition_steps == 3 and args.swiglu
+    assert args.lr == 2e-3  # the command line wins over the file
+    assert parse_args(SMALL, world_size=1).tst is None  # no --tst-*: a plain baseline
+
+
+@pytest.mark.parametrize("extra,world_size,message", [
+    (["--global-batch-size", "6", "--micro-batch-size", "2"], 2, "not divisible by --micro-batch-size 2 x data-parallel size 2"),
+    (["--tst-bag-size", "4", "--tst-superposition-ratio", "1.0"], 1, "must be in [0, 1)"),
+    (["--tst-bag-size", "4", "--tst-superposition-ratio", "-0.1"], 1, "must be in [0, 1)"),
+    (["--tst-bag-size", "5", "--tst-superposition-ratio", "0.3"], 1, "divisible by --tst-bag-size 5"),
+    (["--tst-bag-size", "0", "--tst-superposition-ratio", "0.3"], 1, "must be an integer >= 1"),
+    (["--tst-superposition-ratio", "0.3"], 1, "needs --tst-bag-size"),
+    (["--tensor-model-parallel-size", "2"], 3, "some processes would not be used"),
+    (["--tensor-model-parallel-size", "3"], 3, "not divisible by TP=3"),
+    (["--tst-bag-size", "4", "--tst-superposition-iters", "10"], 1, "leave no recovery phase"),
+    (["--tensor-model-parallel-size", "4", "--sequence-parallel", "--seq-length", "66"], 4, "not divisible by TP=4"),
+])
+def test_bad_arguments_are_clear_errors(capsys, extra, world_size, message):
+    with pytest.raises(SystemExit):
+        parse_args(SMALL + extra, world_size=world_size)
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_data_checks(tmp_path):
+    prefix = build_byte_corpus(str(tmp_path / "ok"))
+    validate_data_files([prefix], VOCAB_SIZE)
+    with pytest.raises(ValueError, match="outside the model's vocabulary of 200"):
+        validate_data_files([prefix], 200)
+    # a .bin cut short no longer matches its .idx
+    broken = str(tmp_path / "broken")
+    for suffix in (".idx", ".bin"):
+        data = open(prefix + suffix, "rb").read()
+        open(broken + suffix, "wb").write(data[:-10] if suffix == ".bin" else data)
+    with pytest.raises(ValueError, match="do not belong together"):
+        validate_data_files([broken], VOCAB_SIZE)
+    with pytest.raises(SystemExit):
+        parse_args(SMALL[:-1] + ["--data-path", str(tmp_path / "missing")], world_size=1)
+
+
+def test_cli_refuses_bad_data_before_heavy_work(tmp_path):
+    prefix = build_byte_corpus(str(tmp_path))
+    argv = SMALL[:-1] + ["--data-path", prefix, "--vocab-size", "100"]
+    result = subprocess.run([sys.executable, "-m", "megatron_tst.pretrain"] + argv, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode != 0
+    assert "error:" in result.stderr and "outside the model's vocabulary of 100" in result.stderr
+    assert "Traceback" not in result.stderr
