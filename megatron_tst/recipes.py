@@ -228,7 +228,10 @@ _register(Recipe(
     },
     paper=("125k baseline steps: 2.252; TST 49,983 steps of which 12,483 superposition (s=16): 2.236, "
            "4,768 vs 12,311 B200-hours (2.5x)"),
-    notes=("r = 0.25 gives floor(0.25 x 49,983) = 12,495 superposition steps, the paper's 12,483 is r = 0.2497 "
+    notes=("Within-bag weighting: the paper does not say which one its s = 16 run used; the recipe keeps the "
+           "default uniform, while power-law 1/i is reported better and more stable for s >= 8 "
+           "(--tst-weighting power).",
+           "r = 0.25 gives floor(0.25 x 49,983) = 12,495 superposition steps, the paper's 12,483 is r = 0.2497 "
            "(0.1 % apart). The paper's baseline: --train-iters 125000 --lr-wsd-decay-iters 12500 "
            "--tst-superposition-ratio 0.",
            "On GPUs with Transformer Engine add --moe-grouped-gemm (grouped expert GEMMs, much faster; not in "

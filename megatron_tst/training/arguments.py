@@ -310,10 +310,35 @@ def _expand(argv: Sequence[str]) -> List[str]:
     if known.recipe:
         from megatron_tst.recipes import recipe_flags
 
-        prefix += recipe_flags(known.recipe)
+        try:
+            prefix += recipe_flags(known.recipe)
+        except ValueError as err:
+            raise SystemExit(f"--recipe: {err}") from None
     if known.config:
         prefix += _config_file_flags(known.config)
-    return prefix + list(argv)
+    return _drop_overridden_alternatives(prefix, list(argv)) + list(argv)
+
+
+# Flags that say the same thing two ways: one given later replaces the other given earlier.
+_ALTERNATIVES = (("--tst-superposition-ratio", "--tst-superposition-iters"),
+                 ("--lr-warmup-iters", "--lr-warmup-fraction"))
+
+
+def _drop_overridden_alternatives(prefix: List[str], argv: List[str]) -> List[str]:
+    """Remove from the recipe/config part the flags whose alternative the command line gives."""
+    for group in _ALTERNATIVES:
+        if any(flag in argv for flag in group):
+            kept, skip = [], False
+            for token in prefix:
+                if skip:
+                    skip = False
+                    continue
+                if token in group:
+                    skip = True  # these flags take one value
+                    continue
+                kept.append(token)
+            prefix = kept
+    return prefix
 
 
 # --------------------------------------------------------------------------------------------------------------

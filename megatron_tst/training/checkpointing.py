@@ -424,6 +424,8 @@ def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
     load_args = argparse.Namespace(**{**vars(args), "use_distributed_optimizer": args.use_distributed_optimizer,
                                       "dist_ckpt_optim_fully_reshardable":
                                           metadata.get("distrib_optim_sharding_type") == "fully_reshardable"})
+    if load_optimizer:
+        _prepare_torch_adam_distributed_optimizer(optimizer)
     sd = _state_dict(load_args, None, model, optimizer, scheduler, None, for_loading=True,
                      load_optimizer=load_optimizer, load_rng=load_rng)
     with _safe_sharded_objects():
@@ -432,7 +434,11 @@ def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
     for i, chunk in enumerate(model):
         unwrap_model(chunk).load_state_dict(loaded[_model_key(i, model)], strict=True)
     if load_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # no_grad: with fp32 params the main params are views of the model's leaf parameters and
+        # the dp_reshardable loader copies into them in place (its fully_reshardable twin is no_grad already).
+        with _fully_reshardable_step_fix(optimizer), torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _untie_adam_steps(optimizer)
         if "opt_param_scheduler" in loaded:
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
@@ -455,6 +461,72 @@ def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
         print(f"loaded checkpoint {directory} (iteration {iteration}"
               f"{', weights only' if finetune else ''}; consumed samples {state.consumed_train_samples})", flush=True)
     return state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# megatron-core 0.16.1's distributed optimizer with torch's Adam (no apex / Transformer Engine), two upstream bugs
+
+
+def _torch_adam_distributed_optimizers(optimizer):
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    if HAVE_APEX_OR_TE:
+        return []
+    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(opt, DistributedOptimizer)]
+
+
+def _prepare_torch_adam_distributed_optimizer(optimizer) -> None:
+    """`DistributedOptimizer.state_dict()` asserts on a torch Adam without state (distrib_optimizer.py:642),
+    so it cannot describe what to load into a fresh optimizer. Give it state first, as megatron-core does for
+    other optimizers (`_init_optimizer_states_with_dummy_values`); everything it sets is overwritten by the load."""
+    for opt in _torch_adam_distributed_optimizers(optimizer):
+        if len(opt.optimizer.state) == 0:
+            with torch.no_grad():  # the main params are views of the model's leaf parameters
+                opt._init_optimizer_states_with_dummy_values()
+
+
+@contextlib.contextmanager
+def _fully_reshardable_step_fix(optimizer):
+    """Loading 'fully_reshardable' state copies every key of a parameter's Adam state from the checkpoint,
+    'step' included, but the checkpoint keeps 'step' in the param groups (distrib_optimizer.py:2100 skips it,
+    :940 then raises KeyError). While loading, hand each parameter its current step as the source."""
+    patched = _torch_adam_distributed_optimizers(optimizer)
+    for opt in patched:
+        original = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, opt=opt, original=original):
+            if "step" not in tensors:
+                group_index, group_order = opt.model_param_group_index_map[model_param]
+                main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+                step = opt.optimizer.state[main_param].get("step")
+                if step is not None:
+                    tensors = {**tensors, "step": step}
+            original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class's method
+
+
+def _untie_adam_steps(optimizer) -> None:
+    """Give every parameter its own, correct Adam `step` after loading.
+
+    `DistributedOptimizer.load_state_dict` gives all parameters one shared `step` tensor
+    (distrib_optimizer.py:940-947), which torch Adam would advance once per parameter per iteration, and the
+    dp_reshardable parameter-state load then overwrites it with the placeholder state's step. The checkpoint's
+    step is in the param groups (distrib_optimizer.py:670): copy it into each parameter's state.
+    """
+    for opt in _torch_adam_distributed_optimizers(optimizer):
+        for group in opt.optimizer.param_groups:
+            for param in group["params"]:
+                state = opt.optimizer.state.get(param)
+                if state is not None and "step" in state:
+                    step = group.get("step", state["step"])
+                    state["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
 def _has_rng_state(directory: str) -> bool:

@@ -44,8 +44,28 @@ def train_step(data: DataIterators, model, optimizer, scheduler, args) -> dict:
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=args.global_batch_size)
-    return {"losses": _reduce_losses(reports), "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+    losses = _reduce_losses(reports)
+    if args.num_experts:
+        losses.update(moe_aux_losses(args))
+    return {"losses": losses, "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
             "skipped": 0 if update_successful else 1}
+
+
+def moe_aux_losses(args) -> Dict[str, float]:
+    """This step's router losses per MoE layer, averaged as Megatron-LM logs them ("load_balancing_loss",
+    "z_loss"); reads and clears megatron-core's tracker. Every rank calls it (it reduces across ranks)."""
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+    names = []
+    if args.moe_router_load_balancing_type in ("aux_loss", "seq_aux_loss", "global_aux_loss"):
+        names.append("load_balancing_loss")
+    if args.moe_z_loss_coeff:
+        names.append("z_loss")
+    totals: Dict[str, torch.Tensor] = {}
+    track_moe_metrics(loss_scale=1.0 / get_num_microbatches(), iteration=0, total_loss_dict=totals,
+                      force_initialize=True, track_names=names, num_layers=args.num_layers,
+                      moe_layer_freq=args.moe_layer_freq)
+    return {name: float(value) for name, value in totals.items()}
 
 
 @torch.no_grad()
