@@ -8,6 +8,7 @@ plain Megatron baseline run of the same model.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import List, Optional
@@ -54,6 +55,11 @@ class Run:
         checkpointing.check_load_arguments(args)
 
         initialize_distributed(args)
+        print_rank_0(f"using world size: {args.world_size}, data-parallel size: {args.data_parallel_size}, "
+                     f"context-parallel size: {args.context_parallel_size}, tensor-model-parallel size: "
+                     f"{args.tensor_model_parallel_size}, pipeline-model-parallel size: "
+                     f"{args.pipeline_model_parallel_size}, expert-model-parallel size: "
+                     f"{args.expert_model_parallel_size}")
         if args.ignored_flags:
             print_rank_0(f"ignored Megatron-LM flags (they do not change what is trained here): "
                          f"{' '.join(args.ignored_flags)}")
@@ -72,10 +78,12 @@ class Run:
         bag = self.plan.bag_size
         eval_samples = args.eval_iters * args.global_batch_size * bag
         self.train_ds, self.valid_ds, self.test_ds = data.build_datasets(
-            args, self.tokenizer, [self.plan.total_samples(), eval_samples, eval_samples],
+            args, self.tokenizer, [self.plan.total_samples(), eval_samples, None],
             is_built_on_rank=lambda: (parallel_state.is_pipeline_first_stage(ignore_virtual=True)
                                       or parallel_state.is_pipeline_last_stage(ignore_virtual=True)))
         self.has_validation = _any_rank(self.valid_ds is not None)
+        if args.eval_iters > 0 and not self.has_validation:
+            print_rank_0("the validation split is empty: no evaluation (see --split)")
         self.recorder = (data.StreamRecorder(args.record_data_stream, args.rank)
                          if args.record_data_stream else None)
         self.writer = MetricsWriter(args, self.run_info()) if is_last_rank() else None
@@ -232,6 +240,15 @@ class _Interval:
         return {key: total / self.steps for key, total in self.loss_sums.items()}
 
 
+def write_exit_marker(iteration: int) -> None:
+    """After a signal-triggered save, tell the launcher (launch/common.sh) to requeue: rank 0 writes the file
+    named by $TST_EXIT_MARKER, if set, holding the iteration saved."""
+    path = os.environ.get("TST_EXIT_MARKER")
+    if path and torch.distributed.get_rank() == 0:
+        with open(path, "w") as f:
+            f.write(f"{iteration}\n")
+
+
 def main(argv=None) -> int:
     args = arguments.parse_args(argv)
     run = Run(args)
@@ -246,6 +263,8 @@ def main(argv=None) -> int:
         run.evaluate_phase(run.plan.phase_at(run.state.iteration - 1) if run.state.iteration else Phase.RECOVERY)
     if reason == "done" and args.save:
         checkpointing.save_checkpoint(args, run.state, run.model, run.optimizer, run.scheduler)
+    if reason == "exit signal":
+        write_exit_marker(run.state.iteration)
     print_rank_0(f"training stopped ({reason}) at iteration {run.state.iteration}; "
                  f"consumed {run.state.consumed_train_samples} samples / {run.state.consumed_tokens} tokens"
                  + (f"; checkpoints in {args.save}" if args.save else ""))

@@ -55,11 +55,8 @@ def init_worker(rank: int, world_size: int, port: int, layout: Layout, seed: int
 
     from megatron_tst.platform import cpu
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    os.environ["RANK"] = str(rank)
-    os.environ["WORLD_SIZE"] = str(world_size)
-    os.environ["LOCAL_RANK"] = str(rank)
+    # No RANK/WORLD_SIZE/MASTER_* in os.environ: the process group is set up explicitly, and subprocesses
+    # (e.g. a trainer launched by a test) must not mistake this process's group for theirs.
     if num_threads:
         torch.set_num_threads(num_threads)
     on_cpu = cpu.enable()

@@ -100,7 +100,32 @@ def build_datasets(args, tokenizer, sizes: List[int], is_built_on_rank):
         create_attention_mask=False,
     )
     cls = MockGPTDataset if args.mock_data else GPTDataset
-    return BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank, config).build()
+    sizes = list(sizes)
+    # Megatron's GPTDataset loops forever when asked for samples from a split without documents (a small
+    # corpus and a tiny --split share): ask for no samples there (None = one pass over nothing).
+    for i in range(1, 3):
+        if not args.mock_data and _split_is_empty(config, i):
+            sizes[i] = None
+    train, valid, test = BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank, config).build()
+    if valid is not None and len(valid) == 0:
+        valid = None
+    if train is not None and len(train) == 0:
+        raise ValueError("the train split holds no documents: check --data-path and --split")
+    return train, valid, test
+
+
+def _split_is_empty(config, split: int) -> bool:
+    """Whether split `split` (0 train, 1 valid, 2 test) holds no document in any dataset of the blend."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    if config.blend_per_split is not None:
+        return config.blend_per_split[split] is None
+    start, end = config.split_matrix[split] if config.split_matrix[split] is not None else (0.0, 0.0)
+    for prefix in config.blend[0]:
+        documents = len(IndexedDataset(prefix, mmap=True).document_indices) - 1
+        if int(round(end * documents)) > int(round(start * documents)):
+            return False
+    return True
 
 
 class _Rows(torch.utils.data.Dataset):
