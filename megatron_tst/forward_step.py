@@ -32,12 +32,15 @@ def is_superposition_batch(batch: Optional[dict]) -> bool:
 
 
 def get_batch(data_iterator: Optional[Iterator[dict]], vp_stage: Optional[int] = None) -> Optional[dict]:
-    """The next micro-batch on first/last pipeline stages (None elsewhere), sliced for context parallelism."""
+    """The next micro-batch on first/last pipeline stages (None elsewhere), on this rank's device, sliced for
+    context parallelism."""
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     if not (first or last) or data_iterator is None:
         return None
-    batch = dict(next(data_iterator))
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    batch = {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+             for key, value in next(data_iterator).items()}
     return get_batch_on_this_cp_rank(batch)
 
 

@@ -16,6 +16,7 @@ from typing import List, Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_tst.config import Phase
 from megatron_tst.flops import training_flops_per_step
@@ -106,7 +107,7 @@ class Run:
         args = self.args
         iterators: List[Optional[object]] = []
         for chunk in self.model:
-            vp_stage = getattr(chunk.module, "vp_stage", None) if hasattr(chunk, "module") else None
+            vp_stage = get_attr_wrapped_model(chunk, "vp_stage")
             needs = (parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
                      or parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
             if not needs or dataset is None:

@@ -95,6 +95,31 @@ def test_finetune_loads_weights_only(megatron_single_process):
     assert trainer.eval_loss(record["eval_batch"]["sequences"]) == record["eval_loss_at_save"]
 
 
+def test_pretrained_checkpoint_and_ckpt_step(megatron_single_process, tmp_path):
+    record, directory = fixture("megatron_lm_gpt_tp1")
+    # --load has nothing yet: start from --pretrained-checkpoint's weights, counting from 0 (Megatron-LM)
+    trainer = Trainer(fixture_argv(record) + ["--load", str(tmp_path), "--pretrained-checkpoint", directory])
+    assert trainer.load().iteration == 0
+    assert trainer.eval_loss(record["eval_batch"]["sequences"]) == record["eval_loss_at_save"]
+    pinned = Trainer(fixture_argv(record) + ["--load", directory, "--ckpt-step", "30"])
+    assert pinned.load().iteration == 30
+    missing = Trainer(fixture_argv(record) + ["--load", directory, "--ckpt-step", "20"])
+    with pytest.raises(SystemExit, match="iteration 20.*missing"):
+        missing.load()
+
+
+def test_exit_duration_and_interval(megatron_single_process):
+    from megatron_tst.training.checkpointing import ExitConditions, TrainState
+
+    record, _ = fixture("megatron_lm_gpt_tp1")
+    args = Trainer(fixture_argv(record) + ["--exit-duration-in-mins", "1", "--exit-interval", "7"]).args
+    conditions = ExitConditions(args)
+    assert conditions.check(TrainState(iteration=3)) is None
+    assert conditions.check(TrainState(iteration=7)) == "--exit-interval 7"
+    conditions.start -= 61  # a minute has passed
+    assert conditions.check(TrainState(iteration=3)) == "--exit-duration-in-mins 1"
+
+
 def test_loading_never_unpickles_arbitrary_code(tmp_path):
     from megatron_tst.training.checkpointing import UnknownMegatronObject, safe_torch_load
 

@@ -52,7 +52,8 @@ def runs(corpus, tmp_path_factory):
     for name, extra in (("baseline", ""), ("tst", TST)):
         directory = tmp_path_factory.mktemp(name)
         args = (f"{MODEL} {TRAINING} {extra} --data-path {corpus} --data-cache-path {directory}/cache "
-                f"--metrics-jsonl {directory}/metrics.jsonl --record-data-stream {directory}/stream").split()
+                f"--metrics-jsonl {directory}/metrics.jsonl --record-data-stream {directory}/stream "
+                f"--tensorboard-dir {directory}/tb").split()
         result = run_trainer(args)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
         out[name] = {"dir": directory, "stdout": result.stdout, "metrics": read_jsonl(directory / "metrics.jsonl")}
@@ -149,3 +150,14 @@ def test_tst_and_baseline_flags_build_identical_models(megatron_single_process, 
         states.append({k: v.clone() if torch.is_tensor(v) else v for k, v in model[0].module.state_dict().items()})
     assert list(states[0]) == list(states[1])
     assert all(torch.equal(a, states[1][k]) if torch.is_tensor(a) else a == states[1][k] for k, a in states[0].items())
+
+
+def test_tensorboard_events_carry_the_phase_and_losses(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs["tst"]["dir"] / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "grad_norm", "eval_lm_loss", "eval_mce_loss", "phase_is_superposition"} <= tags
+    phase = {e.step: e.value for e in events.Scalars("phase_is_superposition")}
+    assert all(phase[i] == (1.0 if i <= SUP_ITERS else 0.0) for i in range(1, TRAIN_ITERS + 1))
