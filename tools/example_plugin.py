@@ -35,7 +35,7 @@ def main():
     # Process groups as in any Megatron-Core script (cpu.enable() only matters on machines without CUDA).
     on_cpu = cpu.enable()
     if "RANK" not in os.environ:  # plain `python`: a 1-process world
-        from megatron_tst.testing.distributed import free_port
+        from megatron_tst.parallel import free_port
 
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     torch.distributed.init_process_group("gloo" if on_cpu else "nccl")

@@ -12,39 +12,18 @@ Spawning costs seconds (torch + megatron import), so group several checks into o
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import queue
-import socket
 import traceback
 from typing import Any, Callable, Optional, Sequence
 
 import torch.multiprocessing as mp
 
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """A Megatron parallel layout; data parallelism takes what the world size leaves."""
-
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    cp: int = 1
-    vpp: Optional[int] = None
-    etp: Optional[int] = None
-
-    def model_parallel_size(self) -> int:
-        return self.tp * self.pp * self.cp
+from megatron_tst.parallel import Layout, free_port, initialize_parallel_state  # noqa: F401 (re-exported)
 
 
 class DistributedFailure(RuntimeError):
     """A worker raised; the message carries its traceback."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def init_worker(rank: int, world_size: int, port: int, layout: Layout, seed: int = 1234,
@@ -72,19 +51,9 @@ def init_worker(rank: int, world_size: int, port: int, layout: Layout, seed: int
 def relayout(layout: Layout, seed: int = 1234) -> None:
     """(Re-)initialise megatron's parallel state with `layout` in this worker, and seed every RNG."""
     import torch
-    from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        context_parallel_size=layout.cp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
-    )
+    initialize_parallel_state(layout)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 

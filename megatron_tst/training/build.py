@@ -17,6 +17,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from megatron_tst.model import build_gpt_model
+from megatron_tst.parallel import Layout, free_port, initialize_parallel_state
 from megatron_tst.platform import cpu
 from megatron_tst.training import arguments
 
@@ -30,22 +31,13 @@ def initialize_distributed(args) -> None:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend="gloo" if on_cpu else "nccl")
         else:
-            from megatron_tst.testing.distributed import free_port
-
             dist.init_process_group(backend="gloo" if on_cpu else "nccl",
                                     init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     if dist.get_world_size() != args.world_size:
         raise SystemExit(f"the arguments were validated for {args.world_size} processes but "
                          f"{dist.get_world_size()} were started")
     args.rank = dist.get_rank()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-    )
+    initialize_parallel_state(Layout.from_args(args))
     set_random_seed(args.seed)
     init_num_microbatches_calculator(args.rank, None, args.global_batch_size, args.micro_batch_size,
                                      args.data_parallel_size)
