@@ -78,6 +78,17 @@ def test_model_arguments_that_do_not_match_are_refused(megatron_single_process):
         Trainer(argv).load()
 
 
+def test_optimizer_format_mismatch_is_a_clear_error(megatron_single_process):
+    record, directory = fixture("megatron_lm_gpt_tp1")
+    trainer = Trainer(fixture_argv(record) + ["--load", directory, "--use-distributed-optimizer"])
+    with pytest.raises(SystemExit, match="holds the state of the non-distributed optimizer.*--no-load-optim"):
+        trainer.load()
+    weights_only = Trainer(fixture_argv(record) + ["--load", directory, "--use-distributed-optimizer",
+                                                   "--no-load-optim"])
+    assert weights_only.load().iteration == 30
+    assert weights_only.eval_loss(record["eval_batch"]["sequences"]) == record["eval_loss_at_save"]
+
+
 def test_missing_checkpoint_semantics(megatron_single_process, tmp_path):
     record, _ = fixture("megatron_lm_gpt_tp1")
     trainer = Trainer(fixture_argv(record) + ["--load", str(tmp_path)])

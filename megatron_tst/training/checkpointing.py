@@ -417,13 +417,11 @@ def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
     load_optimizer = not (finetune or args.no_load_optim or getattr(ckpt_args, "no_save_optim", False))
     load_rng = (same_layout and not (finetune or args.no_load_rng or getattr(ckpt_args, "no_save_rng", False))
                 and _has_rng_state(directory))
-    if load_optimizer and args.use_distributed_optimizer:
-        if metadata.get("distrib_optim_sharding_type") not in ("fully_reshardable", "dp_reshardable"):
-            raise SystemExit(f"checkpoint {directory}: distributed-optimizer sharding type "
-                             f"{metadata.get('distrib_optim_sharding_type')!r} cannot be loaded here; use --no-load-optim")
-    load_args = argparse.Namespace(**{**vars(args), "use_distributed_optimizer": args.use_distributed_optimizer,
-                                      "dist_ckpt_optim_fully_reshardable":
-                                          metadata.get("distrib_optim_sharding_type") == "fully_reshardable"})
+    sharding = metadata.get("distrib_optim_sharding_type")
+    if load_optimizer:
+        _check_optimizer_format(directory, sharding, args, same_layout)
+    # Describe the optimizer state as the checkpoint stores it (its sharding type, not this run's flag).
+    load_args = argparse.Namespace(**{**vars(args), "dist_ckpt_optim_fully_reshardable": sharding == "fully_reshardable"})
     if load_optimizer:
         _prepare_torch_adam_distributed_optimizer(optimizer)
     sd = _state_dict(load_args, None, model, optimizer, scheduler, None, for_loading=True,
@@ -527,6 +525,21 @@ def _untie_adam_steps(optimizer) -> None:
                 if state is not None and "step" in state:
                     step = group.get("step", state["step"])
                     state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def _check_optimizer_format(directory, sharding, args, same_layout) -> None:
+    """Refuse, before loading, optimizer state this run cannot read (as Megatron-LM does)."""
+    hint = "load the weights only with --no-load-optim, or match the saving run's optimizer flags"
+    if args.use_distributed_optimizer != (sharding is not None):
+        saved = f"the distributed optimizer ({sharding})" if sharding else "the non-distributed optimizer"
+        raise SystemExit(f"checkpoint {directory} holds the state of {saved}, this run uses the "
+                         f"{'distributed' if args.use_distributed_optimizer else 'non-distributed'} optimizer: {hint}")
+    if sharding is not None and sharding not in ("fully_reshardable", "dp_reshardable"):
+        raise SystemExit(f"checkpoint {directory}: distributed-optimizer sharding type {sharding!r} is not "
+                         f"supported here: {hint}")
+    if sharding == "dp_reshardable" and not same_layout:
+        raise SystemExit(f"checkpoint {directory}: 'dp_reshardable' optimizer state loads only at the same TP/PP "
+                         "(save with --dist-ckpt-optim-fully-reshardable to reshard it): " + hint)
 
 
 def _has_rng_state(directory: str) -> bool:
