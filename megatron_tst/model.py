@@ -178,17 +178,22 @@ def build_gpt_model(
     vp_stage: Optional[int] = None,
     pg_collection=None,
     seq_length: Optional[int] = None,
-) -> TSTGPTModel:
+    model_class: type = TSTGPTModel,
+) -> GPTModel:
     """Build one model chunk, as Megatron-LM's `gpt_builder` does, with TST settings attached.
 
-    `seq_length` (the model's L in positions) lets the TST layout checks run at build time.
+    `seq_length` (the model's L in positions) lets the TST layout checks run at build time. `model_class=GPTModel`
+    builds the unmodified Megatron-Core model from the same spec (a baseline to compare against).
     """
     use_te = options.uses_transformer_engine()
     if tst is not None:
         validate_tst_model(config, options, tst, seq_length=seq_length, use_transformer_engine=use_te)
     elif config.context_parallel_size > 1 and not use_te:
         raise ValueError("context parallelism needs Transformer Engine (megatron-core's local attention refuses it)")
-    return TSTGPTModel(
+    extra = {"tst": tst} if issubclass(model_class, TSTGPTModel) else {}
+    if tst is not None and not extra:
+        raise ValueError(f"{model_class.__name__} cannot run superposition steps: build a TSTGPTModel for TST")
+    return model_class(
         config=config,
         transformer_layer_spec=layer_spec(config, use_te, vp_stage),
         vocab_size=options.vocab_size,
@@ -203,7 +208,7 @@ def build_gpt_model(
         rope_scaling=options.rope_scaling,
         vp_stage=vp_stage,
         pg_collection=pg_collection,
-        tst=tst,
+        **extra,
     )
 
 

@@ -584,7 +584,9 @@ def transformer_config_from_args(args, **overrides):
         recompute_num_layers=args.recompute_num_layers, calculate_per_token_loss=args.calculate_per_token_loss,
         deallocate_pipeline_outputs=True,
         # Kernel choices (the fusion flags are ignored): what runs where it can run.
-        masked_softmax_fusion=on_gpu, bias_activation_fusion=on_gpu and (args.swiglu or not args.disable_bias_linear),
+        # (the fused softmax is a compiled extension: without it megatron's local attention would fail to import it)
+        masked_softmax_fusion=on_gpu and _importable("scaled_masked_softmax_cuda"),
+        bias_activation_fusion=on_gpu and (args.swiglu or not args.disable_bias_linear),
         bias_dropout_fusion=on_gpu, apply_rope_fusion=False, persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         **moe,
@@ -594,6 +596,12 @@ def transformer_config_from_args(args, **overrides):
         kwargs["use_cpu_initialization"] = True
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def model_options_from_args(args, padded_vocab_size: int):

@@ -16,7 +16,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
-from megatron_tst.model import build_gpt_model
+from megatron_tst.model import TSTGPTModel, build_gpt_model
 from megatron_tst.parallel import Layout, free_port, initialize_parallel_state
 from megatron_tst.platform import cpu
 from megatron_tst.training import arguments
@@ -52,8 +52,11 @@ def set_random_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def build_model(args, config, options) -> List[torch.nn.Module]:
-    """This rank's model chunks (one per virtual pipeline stage), wrapped as Megatron-LM wraps them."""
+def build_model(args, config, options, model_class: type = TSTGPTModel) -> List[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), wrapped as Megatron-LM wraps them.
+
+    `model_class=GPTModel` (with args.tst None) builds Megatron-Core's unmodified model the same way.
+    """
     vpp = args.virtual_pipeline_model_parallel_size
     chunks = []
     for i in range(vpp or 1):
@@ -62,7 +65,7 @@ def build_model(args, config, options) -> List[torch.nn.Module]:
             config, options, args.tst,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            vp_stage=vp_stage, seq_length=args.seq_length,
+            vp_stage=vp_stage, seq_length=args.seq_length, model_class=model_class,
         )
         for param in chunk.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)

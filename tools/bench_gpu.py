@@ -1,0 +1,81 @@
+"""Benchmark (GPU): tokens/s and MFU of each phase at the 600M shape with Transformer Engine in bf16, next to a
+stock Megatron-Core GPTModel step, side by side in one run.
+
+    python tools/bench_gpu.py [--bag-sizes 4 6] [--steps 20] [--json out.json]   # 1 GPU
+    torchrun --nproc-per-node N tools/bench_gpu.py                                # N GPUs, data-parallel
+    python tools/bench_gpu.py --allow-cpu                                         # no GPU: tiny CPU smoke run
+
+The 600m recipe (32 layers, hidden 960, heads 15/5, ffn 2560, vocab 128,256, seq 2016, micro-batch 8 x
+--num-microbatches 4 per step and GPU, bf16, distributed optimizer), TE layer specs when transformer_engine
+imports (else the local spec, with a warning, at micro-batch 2 unless --micro-batch). Variants, each a full training step of the trainer
+(megatron_tst/testing/bench.py): superposition (one per --bag-sizes s; s x the raw tokens per step), recovery
+(TSTGPTModel, stock batches) and stock (an unmodified GPTModel on the same batches); identical initial weights;
+--warmup untimed then --steps timed rounds, variants interleaved; medians.
+
+Reported per variant: ms/step, raw tokens/s (all GPUs), positions/s, TFLOP/s/GPU (Megatron-LM's FLOPs formula;
+a superposition step counts as a stock step of the same positions), MFU (peak from --peak-tflops or the
+known-GPU table: H200 989 dense bf16), step time relative to stock, and tokens/s / (s x stock tokens/s), the
+share of the ideal s-fold data throughput. Exit status: 0, or 1 when a loss/gradient norm was not finite,
+2 no GPU (and no --allow-cpu), 3 crashed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, uninstalled
+
+SCRIPT = "bench_gpu"
+
+
+def run(cli) -> int:
+    from megatron_tst.testing import bench
+
+    bench.quiet_known_warnings()
+    bench.warn_without_te(SCRIPT)
+    world = bench.world_size_from_env()
+    overrides, vocab = bench.gpu_overrides(cli, world)
+    args = bench.trainer_args(cli.recipe, overrides, vocab, world)
+    bench.reinitialize(args)
+    summary = bench.measure(args, bag_sizes=cli.bag_sizes, warmup=cli.warmup, reps=cli.steps,
+                            peak_tflops=cli.peak_tflops)
+    finite = all(math.isfinite(x) for r in summary["variants"].values() for x in r["losses"] + r["grad_norms"])
+    if bench.is_rank0():
+        print(bench.describe(summary))
+        print(f"# {cli.warmup} warmup + {cli.steps} timed rounds; medians\n")
+        print(bench.format_gpu_table(summary), flush=True)
+        if not finite:
+            print(f"\n{SCRIPT}: a loss or gradient norm was not finite (see --json for the values)", flush=True)
+        if cli.json:
+            with open(cli.json, "w") as f:
+                json.dump(summary, f, indent=1)
+    bench.shutdown()
+    return 0 if finite else 1
+
+
+def main(argv=None) -> int:
+    from megatron_tst.testing import bench
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_gpu_arguments(parser, warmup=5, steps=20, bag_sizes=[6])
+    cli = parser.parse_args(argv)
+    status = bench.require_device(cli, SCRIPT)
+    if status is not None:
+        return status
+    try:
+        return run(cli)
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        print(f"{SCRIPT}: CRASHED (see the traceback above)", file=sys.stderr, flush=True)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
