@@ -28,7 +28,7 @@ TST_ARGS=(--tst-bag-size 4 --tst-superposition-ratio 0.3)
 DATA_ARGS=(--data-path "$DATA_DIR/demo_text_document" --split 98,2,0 --tokenizer-type HuggingFaceTokenizer
            --tokenizer-model "$DATA_DIR/tokenizer.json" --data-cache-path "$RUN_DIR/cache" --num-workers 0)
 CHECKPOINT_ARGS=(--save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints" --save-interval "$ITERS")
-LOGGING_ARGS=(--log-interval 10 --eval-interval $((ITERS / 3)) --eval-iters 4 --metrics-jsonl "$RUN_DIR/metrics.jsonl"
+LOGGING_ARGS=(--log-interval 10 --eval-interval $((ITERS / 5)) --eval-iters 4 --metrics-jsonl "$RUN_DIR/metrics.jsonl"
               --tensorboard-dir "$RUN_DIR/tensorboard")
 
 COMMAND=(.venv/bin/torchrun --standalone --nproc-per-node 2 -m megatron_tst.pretrain
@@ -44,9 +44,10 @@ run = sys.argv[1]
 records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
 evals = [r for r in records if r["kind"] == "eval"]
 train = [r for r in records if r["kind"] == "train"]
-switch = next((r["iteration"] for r in train if r["phase"] == "recovery"), None)
+steps = records[0]["tst"]["superposition_steps"]
 print("\n=== demo summary ===")
-print(f"phases: superposition for iterations 1..{(switch or 1) - 1}, recovery from {switch}")
+print(f"phases: superposition for iterations 1..{steps} (bags of {records[0]['tst']['bag_size']}), "
+      f"recovery for {steps + 1}..{train[-1]['iteration']}")
 for r in evals:
     extra = f", MCE {r['eval_mce_loss']:.3f}" if r.get("eval_mce_loss") is not None else ""
     print(f"  validation at iteration {r['iteration']:4d} ({r['phase']}): LM loss {r['eval_lm_loss']:.3f}{extra}")

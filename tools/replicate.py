@@ -1,0 +1,329 @@
+"""An equal-FLOPs miniature of the TST paper's experiment on CPU: a baseline run and a TST run, then a comparison.
+
+    python tools/replicate.py --out runs/replicate [--steps 300 --bag-size 4 --ratio 0.3 ...] [--force]
+
+Both runs train the same small Llama-style model (RoPE, RMSNorm, SwiGLU, GQA, untied embeddings, no dropout)
+on the demo corpus (tools/build_demo_data.py, built into --data-dir when missing) with the same steps, the
+same positions per step (global batch x seq length), the same warmup-stable-decay LR schedule and the same
+seed; the TST run only adds ``--tst-bag-size S --tst-superposition-ratio R``. Each run is
+``torchrun --standalone --nproc-per-node 2 -m megatron_tst.pretrain ...`` (DP=2, gloo on CPU) writing
+``--metrics-jsonl``; then ``tools/compare_runs.py BASE TST --out OUT --json`` gives the equal-loss speedup,
+the equal-FLOPs loss gap and the plots.
+
+A run whose metrics already hold the final evaluation (at --steps), made with the same trainer flags, is
+skipped unless --force; any other is started over. The defaults (6 layers, hidden 384, seq 192, global
+batch 16, 300 steps, s=4, r=0.3) take about 30 minutes on 2 CPU cores and keep both runs within one epoch
+of the 1.8M-token train split (the TST run reads s x the samples per step in its superposition phase;
+both runs read the same shuffled sample order, the TST run just reads further).
+
+Writes into --out: baseline.jsonl, tst.jsonl, their logs (*.log), wall times (*.wall.json), the
+compare_runs plots (eval_loss_vs_{steps,flops,tokens,wall_time}.png, train_loss_vs_steps.png), and
+summary.json (configuration, commands, wall times, epochs of data, the comparison, the phase switch).
+Prints a markdown table. ``--publish DIR`` also copies summary.json and the main plots to DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from typing import Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PUBLISHED_PLOTS = ("eval_loss_vs_steps.png", "eval_loss_vs_tokens.png", "train_loss_vs_steps.png")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; every default is the configuration reported in the README."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/replicate", help="output directory")
+    p.add_argument("--data-dir", default="data/demo", help="demo data (built there when missing)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps of each run")
+    p.add_argument("--bag-size", type=int, default=4, help="TST bag size s")
+    p.add_argument("--ratio", type=float, default=0.3, help="TST superposition ratio r")
+    p.add_argument("--weighting", default="uniform", choices=("uniform", "power", "exp", "first"))
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--kv-groups", type=int, default=3, help="GQA query groups")
+    p.add_argument("--seq-length", type=int, default=192, help="positions per sample (divisible by s)")
+    p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--warmup-fraction", type=float, default=0.1, help="of --steps (paper: 2k of 20k)")
+    p.add_argument("--decay-fraction", type=float, default=0.1, help="WSD linear decay, last part of --steps")
+    p.add_argument("--eval-interval", type=int, default=15)
+    p.add_argument("--eval-iters", type=int, default=10, help="validation batches (a fixed set of samples)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--nproc", type=int, default=2, help="torchrun processes (data-parallel size)")
+    p.add_argument("--force", action="store_true", help="rerun runs that already finished")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    p.add_argument("--publish", help="also copy summary.json and the main plots to this directory")
+    args = p.parse_args(argv)
+    if args.seq_length % args.bag_size:
+        p.error(f"--seq-length {args.seq_length} must be divisible by --bag-size {args.bag_size}")
+    if args.global_batch % (args.micro_batch * args.nproc):
+        p.error("--global-batch must be divisible by --micro-batch x --nproc")
+    return args
+
+
+def common_flags(args, data_prefix: str, tokenizer: str, cache: str) -> list:
+    """Trainer flags shared by both runs: model, data, schedule, seed, evaluation."""
+    warmup = max(1, round(args.warmup_fraction * args.steps))
+    decay = max(1, round(args.decay_fraction * args.steps))
+    flags = f"""
+        --num-layers {args.layers} --hidden-size {args.hidden} --num-attention-heads {args.heads}
+        --group-query-attention --num-query-groups {args.kv_groups}
+        --position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear
+        --untie-embeddings-and-output-weights --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02
+        --seq-length {args.seq_length} --micro-batch-size {args.micro_batch} --global-batch-size {args.global_batch}
+        --train-iters {args.steps} --lr {args.lr} --min-lr {args.min_lr} --lr-warmup-iters {warmup}
+        --lr-decay-style WSD --lr-wsd-decay-style linear --lr-wsd-decay-iters {decay}
+        --optimizer adam --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0 --seed {args.seed}
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model {tokenizer}
+        --data-path {data_prefix} --split 949,50,1 --data-cache-path {cache} --num-workers 0
+        --log-interval 1 --eval-interval {args.eval_interval} --eval-iters {args.eval_iters}
+    """
+    return flags.split()
+
+
+def run_commands(args) -> dict:
+    """{name: argv} of the baseline and the TST run (identical but for the --tst-* flags)."""
+    data_prefix = os.path.join(args.data_dir, "demo_text_document")
+    shared = common_flags(args, data_prefix, os.path.join(args.data_dir, "tokenizer.json"),
+                          os.path.join(args.out, "cache"))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+                "-m", "megatron_tst.pretrain"]
+    tst = ["--tst-bag-size", str(args.bag_size), "--tst-superposition-ratio", str(args.ratio),
+           "--tst-weighting", args.weighting]
+    return {name: launcher + shared + extra
+            + ["--wandb-exp-name", name, "--metrics-jsonl", os.path.join(args.out, f"{name}.jsonl")]
+            for name, extra in (("baseline", []), ("tst", tst))}
+
+
+def read_jsonl(path: str) -> list:
+    """The records of a metrics jsonl file ([] when missing)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def is_finished(path: str, steps: int) -> bool:
+    """Whether the metrics file holds an evaluation at the final iteration."""
+    return any(r.get("kind") == "eval" and r.get("iteration") == steps for r in read_jsonl(path))
+
+
+def ensure_data(data_dir: str) -> None:
+    """Build the demo corpus, tokenizer and indexed dataset when they are missing."""
+    needed = ("demo_text_document.bin", "demo_text_document.idx", "tokenizer.json")
+    if all(os.path.exists(os.path.join(data_dir, name)) for name in needed):
+        return
+    print(f"building the demo data in {data_dir}", flush=True)
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "build_demo_data.py"), "--out", data_dir],
+                   check=True)
+
+
+def run_signature(argv: list) -> list:
+    """The trainer flags that decide what a run computes (not the interpreter, output or cache paths)."""
+    flags = argv[argv.index("megatron_tst.pretrain") + 1:]
+    return [flag for i, flag in enumerate(flags) if i == 0 or flags[i - 1] not in ("--metrics-jsonl",
+                                                                                    "--data-cache-path")]
+
+
+def previous_wall_time(metrics: str, wall_file: str, argv: list, steps: int) -> Optional[float]:
+    """Wall time of an earlier run of the same flags that finished, or None."""
+    if not (is_finished(metrics, steps) and os.path.exists(wall_file)):
+        return None
+    with open(wall_file) as f:
+        previous = json.load(f)
+    return previous["wall_s"] if previous.get("flags") == run_signature(argv) else None
+
+
+def train(name: str, argv: list, out: str, steps: int, force: bool) -> float:
+    """Run one training (unless the same run finished before and not --force); returns its wall time (s)."""
+    metrics, log, wall_file = (os.path.join(out, f"{name}{ext}") for ext in (".jsonl", ".log", ".wall.json"))
+    seconds = None if force else previous_wall_time(metrics, wall_file, argv, steps)
+    if seconds is not None:
+        print(f"{name}: finished before ({seconds:.0f} s), skipped (--force reruns it)", flush=True)
+        return seconds
+    if os.path.exists(metrics):
+        os.remove(metrics)  # start over: the trainer appends
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    print(f"{name}: training, log in {log}", flush=True)
+    start = time.time()
+    with open(log, "w") as f:
+        result = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    seconds = time.time() - start
+    if result.returncode != 0 or not is_finished(metrics, steps):
+        sys.exit(f"{name} failed (exit status {result.returncode}); see {log}")
+    with open(wall_file, "w") as f:
+        json.dump({"wall_s": seconds, "flags": run_signature(argv)}, f)
+    print(f"{name}: done in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def split_statistics(data_prefix: str, seq_length: int, vocab_size: int = 8192) -> dict:
+    """Samples per epoch of the train split and the unigram cross-entropy of the validation split.
+
+    Megatron's --split 949,50,1 cuts by documents (train: the first round(0.949 n), valid: up to round(0.999 n)).
+    The unigram cross-entropy (train-split token frequencies, add-0.5 smoothed, on validation tokens) is
+    the loss of a model that ignores its input: the level a stalled superposition phase sits at.
+    """
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    dataset = IndexedDataset(data_prefix, mmap=True)
+    documents = len(dataset.document_indices) - 1
+    ends = np.concatenate([[0], np.cumsum(dataset.sequence_lengths, dtype=np.int64)])
+    train_end, valid_end = ends[int(round(0.949 * documents))], ends[int(round(0.999 * documents))]
+    tokens = np.memmap(data_prefix + ".bin", dtype=dataset.index.dtype, mode="r")
+    counts = np.bincount(tokens[:train_end], minlength=max(vocab_size, int(tokens.max()) + 1)) + 0.5
+    unigram_ce = float(-np.log(counts / counts.sum())[tokens[train_end:valid_end]].mean())
+    return {"samples_per_epoch": int((train_end - 1) // seq_length), "train_tokens": int(train_end),
+            "valid_unigram_cross_entropy": unigram_ce}
+
+
+def last(records: list, kind: str, **match) -> Optional[dict]:
+    """The last record of ``kind`` whose fields equal ``match``."""
+    found = [r for r in records if r.get("kind") == kind and all(r.get(k) == v for k, v in match.items())]
+    return found[-1] if found else None
+
+
+def switch_details(tst: list, base: list, switch: Optional[int]) -> Optional[dict]:
+    """Losses around the phase switch: eval LM loss at the switch and at the next eval, the train loss of
+    the last superposition step (MCE) and of the first recovery steps (LM), the baseline's at the same steps."""
+    if not switch:
+        return None
+    evals_after = [r for r in tst if r.get("kind") == "eval" and r["iteration"] > switch]
+    after = evals_after[0]["iteration"] if evals_after else None
+
+    def eval_at(records, iteration):
+        record = last(records, "eval", iteration=iteration)
+        return record and record["eval_lm_loss"]
+
+    def train_at(records, iteration):
+        record = last(records, "train", iteration=iteration)
+        return record and record["loss"]
+
+    recovery = [(r["iteration"], r["loss"]) for r in tst if r.get("kind") == "train" and r["iteration"] > switch]
+    return {
+        "switch_iteration": switch,
+        "tst_eval_lm_loss_at_switch": eval_at(tst, switch), "baseline_eval_lm_loss_at_switch": eval_at(base, switch),
+        "tst_eval_mce_loss_at_switch": (last(tst, "eval", iteration=switch) or {}).get("eval_mce_loss"),
+        "next_eval_iteration": after,
+        "tst_eval_lm_loss_next": eval_at(tst, after), "baseline_eval_lm_loss_next": eval_at(base, after),
+        "tst_train_mce_loss_last_superposition_step": train_at(tst, switch),
+        "tst_train_lm_loss_first_recovery_step": train_at(tst, switch + 1),
+        "baseline_train_lm_loss_same_step": train_at(base, switch + 1),
+        "tst_train_lm_loss_first_10_recovery_steps": [round(loss, 4) for _, loss in recovery[:10]],
+    }
+
+
+def eval_curves(records: list) -> list:
+    """[(iteration, eval_lm_loss)] of a run."""
+    return [(r["iteration"], r["eval_lm_loss"]) for r in records if r.get("kind") == "eval"]
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A number for the table, '-' when missing."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(summary: dict) -> str:
+    """The results as markdown: one row per run, then the comparison and reference losses."""
+    switch, comp = summary["switch"] or {}, summary["comparison"]
+    header = (f"| run | final eval LM loss | eval LM loss at the switch (it {switch.get('switch_iteration', '-')}) "
+              f"| next eval (it {switch.get('next_eval_iteration', '-')}) | train LM loss, first recovery step "
+              "| raw tokens | epochs of train data | wall time |")
+    first_recovery = {"baseline": switch.get("baseline_train_lm_loss_same_step"),
+                      "tst": switch.get("tst_train_lm_loss_first_recovery_step")}
+    rows = [header, "|---|---|---|---|---|---|---|---|"]
+    for name, run in summary["runs"].items():
+        cells = [run["label"], fmt(run["final_eval_lm_loss"]), fmt(switch.get(f"{name}_eval_lm_loss_at_switch")),
+                 fmt(switch.get(f"{name}_eval_lm_loss_next")), fmt(first_recovery[name]),
+                 f"{run['consumed_tokens'] / 1e6:.2f}M", f"{run['epochs']:.2f}", f"{run['wall_s'] / 60:.1f} min"]
+        rows.append("| " + " | ".join(cells) + " |")
+    if comp["equal_loss_speedup"] is not None:
+        speedup = f"{comp['equal_loss_speedup']:.2f}x"
+    elif comp["equal_loss_speedup_lower_bound"] is not None:
+        speedup = f">= {comp['equal_loss_speedup_lower_bound']:.2f}x"
+    else:
+        speedup = "- (TST ends above the baseline's first eval)"
+    notes = [f"equal-loss speedup (steps = FLOPs): {speedup}",
+             f"equal-FLOPs loss gap (baseline - TST, > 0: TST better): {fmt(comp['equal_flops_loss_gap'], 4)}",
+             f"TST eval MCE loss at the switch: {fmt(switch.get('tst_eval_mce_loss_at_switch'))}",
+             f"validation unigram cross-entropy (a model ignoring its input): "
+             f"{fmt(summary['data']['valid_unigram_cross_entropy'])}"]
+    return "\n".join(rows) + "\n\n" + "; ".join(notes)
+
+
+def main(argv=None) -> int:
+    """Run both trainings, compare them, write summary.json and print the table."""
+    args = parse_args(argv)
+    os.chdir(REPO)
+    commands = run_commands(args)
+    if args.dry_run:
+        for name, argv_ in commands.items():
+            print(f"# {name}\n{shlex.join(argv_)}\n")
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    total_start = time.time()
+    ensure_data(args.data_dir)
+    train_start = time.time()
+    walls = {name: train(name, argv_, args.out, args.steps, args.force) for name, argv_ in commands.items()}
+    train_elapsed = time.time() - train_start  # (runs skipped now count with their recorded wall times)
+
+    paths = [os.path.join(args.out, f"{name}.jsonl") for name in commands]
+    labels = ["baseline", f"TST (s={args.bag_size}, r={args.ratio})"]
+    compare = subprocess.run([sys.executable, os.path.join(REPO, "tools", "compare_runs.py"), *paths,
+                              "--out", args.out, "--json", "--labels", *labels],
+                             check=True, capture_output=True, text=True)
+    report = json.loads(compare.stdout)
+
+    data_stats = split_statistics(os.path.join(args.data_dir, "demo_text_document"), args.seq_length)
+    per_epoch = data_stats["samples_per_epoch"]
+    records = {name: read_jsonl(path) for name, path in zip(commands, paths)}
+    runs = {}
+    for (name, recs), label, run_report in zip(records.items(), labels, report["runs"]):
+        final_train = last(recs, "train", iteration=args.steps)
+        runs[name] = {"label": label, "final_eval_lm_loss": run_report["final_eval_lm_loss"],
+                      "consumed_samples": final_train["consumed_samples"],
+                      "consumed_tokens": final_train["consumed_tokens"],
+                      "epochs": final_train["consumed_samples"] / per_epoch, "wall_s": walls[name],
+                      "train_time_s": final_train["wall_time_s"], "flops": final_train["flops"],
+                      "eval_lm_loss_curve": eval_curves(recs),
+                      "command": shlex.join(["python", *commands[name][1:]])}
+    header = next((r for r in records["tst"] if r.get("kind") == "run"), {})
+    switch = (header.get("tst") or {}).get("superposition_steps")  # the last superposition step
+    summary = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("force", "dry_run", "publish")},
+        "data": data_stats, "positions_per_step": args.global_batch * args.seq_length,
+        "runs": runs, "comparison": report["comparisons"][0],
+        "switch": switch_details(records["tst"], records["baseline"], switch),
+        "total_wall_s": sum(walls.values()) + time.time() - total_start - train_elapsed,
+    }
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if args.publish:
+        os.makedirs(args.publish, exist_ok=True)
+        for name in PUBLISHED_PLOTS + ("summary.json",):
+            shutil.copy(os.path.join(args.out, name), args.publish)
+    print("\n" + markdown_table(summary))
+    print(f"\nsummary and plots in {args.out} (total wall time {summary['total_wall_s'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
