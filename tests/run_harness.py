@@ -9,13 +9,29 @@ import os
 
 import torch
 
-FIXTURES = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "megatron_lm"))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_FIXTURE_DIRS = [os.environ.get("MEGATRON_TST_FIXTURES", ""),
+                 os.path.join(_ROOT, "..", "shared", "fixtures", "megatron_lm"),
+                 os.path.join(_ROOT, "shared", "fixtures", "megatron_lm")]
+
+
+def fixtures_dir():
+    """Where the Megatron-LM checkpoints of the shared fixtures are ($MEGATRON_TST_FIXTURES, ../shared or
+    ./shared beside the checkout); skips the calling test when there are none."""
+    import pytest
+
+    for directory in _FIXTURE_DIRS:
+        if directory and os.path.isfile(os.path.join(directory, "megatron_lm_gpt_tp1.json")):
+            return os.path.normpath(directory)
+    pytest.skip("the Megatron-LM fixture checkpoints (shared/fixtures/megatron_lm) are not beside this checkout; "
+                "set MEGATRON_TST_FIXTURES")
 
 
 def fixture(name):
     """(fixture record, checkpoint directory) of a Megatron-LM fixture."""
-    with open(os.path.join(FIXTURES, f"{name}.json")) as f:
-        return json.load(f), os.path.join(FIXTURES, name)
+    directory = fixtures_dir()
+    with open(os.path.join(directory, f"{name}.json")) as f:
+        return json.load(f), os.path.join(directory, name)
 
 
 def fixture_argv(record, save_dir="/tmp/unused"):

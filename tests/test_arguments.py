@@ -1,6 +1,5 @@
 """The command line: Megatron-LM's flags unchanged, TST flags, YAML form, and bad input refused early."""
 
-import json
 import os
 import subprocess
 import sys
@@ -12,16 +11,14 @@ from megatron_tst.training.arguments import parse_args
 from megatron_tst.training.data import validate_data_files
 from text_corpus import VOCAB_SIZE, build_byte_corpus
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "megatron_lm")
 SMALL = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --micro-batch-size 2 "
          "--train-iters 10 --lr 1e-3 --tokenizer-type NullTokenizer --vocab-size 257 --mock-data").split()
 
 
 def _fixture_argv(name):
-    path = os.path.join(FIXTURES, f"{name}.json")
-    if not os.path.exists(path):
-        pytest.skip(f"fixture {path} not available")
-    return json.load(open(path))["megatron_cli_args_str"].replace("<checkpoint_dir>", "/tmp/x").split()
+    from run_harness import fixture, fixture_argv
+
+    return fixture_argv(fixture(name)[0], "/tmp/x")
 
 
 @pytest.mark.parametrize("name", ["megatron_lm_gpt_tp1", "megatron_lm_moe_tp1"])
