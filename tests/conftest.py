@@ -16,3 +16,13 @@ def megatron_single_process():
     init_worker(rank=0, world_size=1, port=free_port(), layout=Layout())
     yield
     shutdown_worker()
+
+
+@pytest.fixture(autouse=True)
+def fresh_moe_loss_tracker():
+    """megatron-core keeps MoE router losses in a process-global tracker sized for one model's layers (one model
+    per process in a training run); tests build many models in one process, so each starts with it empty."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()
+    yield

@@ -25,7 +25,7 @@ TRAINING_ARGS=(--micro-batch-size 4 --global-batch-size 16 --train-iters "$ITERS
                --lr-decay-style WSD --lr-wsd-decay-style linear --lr-wsd-decay-iters $((ITERS / 10))
                --lr-warmup-iters $((ITERS / 10)) --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0 --seed 1234)
 TST_ARGS=(--tst-bag-size 4 --tst-superposition-ratio 0.3)
-DATA_ARGS=(--data-path "$DATA_DIR/demo_text_document" --split 98,2,0 --tokenizer-type HuggingFaceTokenizer
+DATA_ARGS=(--data-path "$DATA_DIR/demo_text_document" --split "98,2,0" --tokenizer-type HuggingFaceTokenizer
            --tokenizer-model "$DATA_DIR/tokenizer.json" --data-cache-path "$RUN_DIR/cache" --num-workers 0)
 CHECKPOINT_ARGS=(--save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints" --save-interval "$ITERS")
 LOGGING_ARGS=(--log-interval 10 --eval-interval $((ITERS / 5)) --eval-iters 4 --metrics-jsonl "$RUN_DIR/metrics.jsonl"
