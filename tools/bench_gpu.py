@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, uninstalled
 
@@ -64,17 +63,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_gpu_arguments(parser, warmup=5, steps=20, bag_sizes=[6])
     cli = parser.parse_args(argv)
-    status = bench.require_device(cli, SCRIPT)
-    if status is not None:
-        return status
-    try:
-        return run(cli)
-    except SystemExit:
-        raise
-    except BaseException:
-        traceback.print_exc()
-        print(f"{SCRIPT}: CRASHED (see the traceback above)", file=sys.stderr, flush=True)
-        return 3
+    return bench.run_device_script(run, cli, SCRIPT)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import traceback
 
 import torch
 
@@ -141,17 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cp-size", type=int, default=2, help="context-parallel size of the CP check")
     parser.add_argument("--skip-cp", action="store_true", help="no context-parallel check")
     cli = parser.parse_args(argv)
-    status = bench.require_device(cli, SCRIPT)
-    if status is not None:
-        return status
-    try:
-        return run(cli)
-    except SystemExit:
-        raise
-    except BaseException:
-        traceback.print_exc()
-        print(f"{SCRIPT}: CRASHED (see the traceback above)", file=sys.stderr, flush=True)
-        return 3
+    return bench.run_device_script(run, cli, SCRIPT)
 
 
 if __name__ == "__main__":

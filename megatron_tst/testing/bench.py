@@ -499,6 +499,24 @@ def gpu_overrides(cli, world_size: int) -> tuple:
     return overrides, cli.vocab or recipe.vocab_size
 
 
+def run_device_script(run, cli, script: str) -> int:
+    """Exit status of a GPU script: `require_device`'s refusal, else `run(cli)`, 3 (with the traceback) if it crashed."""
+    import sys
+    import traceback
+
+    status = require_device(cli, script)
+    if status is not None:
+        return status
+    try:
+        return run(cli)
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        print(f"{script}: CRASHED (see the traceback above)", file=sys.stderr, flush=True)
+        return 3
+
+
 def require_device(cli, script: str) -> Optional[int]:
     """None when the run may go ahead; else an exit status after a clear message."""
     if torch.cuda.is_available():
