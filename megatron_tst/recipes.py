@@ -24,8 +24,9 @@ Shared choices and why:
   the paper's "about 2M". The MoE recipe keeps 8192 (divisible by 16): 8192 x 1024 = 8.4M ("8M").
 - WSD schedule as in the paper: 2,000 warmup steps, linear decay over the last 10 % of `--train-iters`
   (`--lr-wsd-decay-iters`), to `--min-lr` = 0.1 x lr (the paper does not give the final LR; SmolLM3, whose
-  3B recipe the paper's settings match, decays to 0: `--min-lr 0`). If you change `--train-iters`, change
-  `--lr-wsd-decay-iters` too (tools/plan.py warns when it is not 10 %).
+  3B recipe the paper's settings match, decays to 0: `--min-lr 0`). A `--train-iters` given on the command
+  line or in a config file moves the decay with it (10 % of the new length) unless `--lr-wsd-decay-iters` is
+  given too (tools/plan.py warns when it is not 10 %).
 - AdamW (0.9, 0.95) from the paper; weight decay 0.1, eps 1e-8, gradient clipping 1.0 are not given by the
   paper: SmolLM3's values (weight decay 0.1, clipping 1), also TorchTitan's defaults, which the paper used.
 - No dropout (Megatron's default is 0.1), init std 0.02, bf16, distributed optimizer.

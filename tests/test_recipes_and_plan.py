@@ -83,6 +83,21 @@ def test_command_line_overrides_the_recipe():
     assert args.tensor_model_parallel_size == 2 and args.sequence_parallel  # recipe's SP applies at TP > 1
 
 
+def test_recipe_lr_decay_follows_a_shorter_train_iters(tmp_path):
+    base = ["--recipe", "600m"] + NO_DATA + ["--vocab-size", "49152"]
+    assert _parse(base + ["--train-iters", "3000"], world_size=8).lr_wsd_decay_iters == 300
+    assert _parse(base + ["--train-iters=5000"], world_size=8).lr_wsd_decay_iters == 500
+    explicit = _parse(base + ["--train-iters", "3000", "--lr-wsd-decay-iters", "1000"], world_size=8)
+    assert explicit.lr_wsd_decay_iters == 1000
+    config = tmp_path / "run.yaml"
+    config.write_text("train_iters: 4000\n")
+    assert _parse(base + ["--config", str(config)], world_size=8).lr_wsd_decay_iters == 400
+    config.write_text("train_iters: 4000\nlr_wsd_decay_iters: 100\n")
+    assert _parse(base + ["--config", str(config)], world_size=8).lr_wsd_decay_iters == 100
+    recipe = recipes.get("600m").settings
+    assert _parse(base, world_size=8).lr_wsd_decay_iters == recipe["lr-wsd-decay-iters"]
+
+
 def test_unknown_recipe_lists_the_names():
     with pytest.raises(ValueError, match="270m, 600m, 3b, 10b-a1b"):
         recipes.recipe_flags("7b")

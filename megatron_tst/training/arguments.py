@@ -314,9 +314,40 @@ def _expand(argv: Sequence[str]) -> List[str]:
             prefix += recipe_flags(known.recipe)
         except ValueError as err:
             raise SystemExit(f"--recipe: {err}") from None
-    if known.config:
-        prefix += _config_file_flags(known.config)
+    recipe_prefix = prefix
+    config_prefix = _config_file_flags(known.config) if known.config else []
+    prefix = _follow_train_iters(recipe_prefix, config_prefix + list(argv)) + config_prefix
     return _drop_overridden_alternatives(prefix, list(argv)) + list(argv)
+
+
+def _last_value(argv: Sequence[str], flag: str) -> Optional[str]:
+    """The value of the last `flag V` or `flag=V` in argv, else None."""
+    value = None
+    for i, token in enumerate(argv):
+        if token == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith(flag + "="):
+            value = token.split("=", 1)[1]
+    return value
+
+
+def _follow_train_iters(recipe_argv: List[str], user_argv: List[str]) -> List[str]:
+    """A recipe's WSD decay is 10 % of its --train-iters: keep it 10 % of the user's --train-iters.
+
+    Only when the user changes --train-iters without also giving --lr-wsd-decay-iters; otherwise a shorter run
+    would decay for (or past) its whole length.
+    """
+    train_iters = _last_value(user_argv, "--train-iters")
+    if (train_iters is None or _last_value(user_argv, "--lr-wsd-decay-iters") is not None
+            or _last_value(recipe_argv, "--lr-wsd-decay-iters") is None):
+        return recipe_argv
+    try:
+        decay = str(int(train_iters) // 10)
+    except ValueError:
+        return recipe_argv  # argparse reports the bad --train-iters
+    out = list(recipe_argv)
+    out[out.index("--lr-wsd-decay-iters") + 1] = decay
+    return out
 
 
 # Flags that say the same thing two ways: one given later replaces the other given earlier.
