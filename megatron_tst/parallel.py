@@ -6,6 +6,8 @@ import dataclasses
 import socket
 from typing import Optional
 
+import torch
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -43,6 +45,11 @@ def initialize_parallel_state(layout: Layout) -> None:
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
     )
+
+
+def collective_device() -> torch.device:
+    """Where small tensors for collectives live: the GPU under NCCL (which refuses CPU tensors), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def free_port() -> int:

@@ -20,6 +20,7 @@ from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_tst.config import Phase
 from megatron_tst.flops import training_flops_per_step
+from megatron_tst.parallel import collective_device
 from megatron_tst.training import arguments, checkpointing, data
 from megatron_tst.training.build import (
     build_model, build_optimizer_and_scheduler, configure_schedule_hooks, initialize_distributed)
@@ -213,7 +214,7 @@ class Run:
 
 
 def _any_rank(flag: bool) -> bool:
-    value = torch.tensor([int(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
+    value = torch.tensor([int(flag)], device=collective_device())
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value.item())
 

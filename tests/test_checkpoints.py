@@ -64,6 +64,15 @@ def test_next_step_reproduces_megatron_lm(continued):
     assert _rel(continued["eval_after"], reference["eval_loss_after"]) < 1e-6
 
 
+def test_moe_step_reports_the_balancing_losses_megatron_tracks(megatron_single_process):
+    """Each balancing type is logged under the name megatron-core's router tracks it with, z-loss too."""
+    record, _ = fixture("megatron_lm_moe_tp1")
+    for kind, name in (("seq_aux_loss", "seq_load_balancing_loss"), ("global_aux_loss", "global_load_balancing_loss")):
+        trainer = Trainer(fixture_argv(record) + ["--moe-router-load-balancing-type", kind, "--moe-z-loss-coeff", "1e-3"])
+        losses = trainer.train_step(record["continuation_reference"]["micro_batch_sequences"])["losses"]
+        assert losses[name] > 0 and losses["z_loss"] > 0 and "load_balancing_loss" not in losses, (kind, losses)
+
+
 def test_round_trip_through_our_layout(continued):
     assert "common.pt" in continued["ours_files"]  # the megatron-core <= 0.18 layout (the fixture has none)
     assert continued["round_trip_state"] == continued["state"]
@@ -117,6 +126,35 @@ def test_pretrained_checkpoint_and_ckpt_step(megatron_single_process, tmp_path):
     missing = Trainer(fixture_argv(record) + ["--load", directory, "--ckpt-step", "20"])
     with pytest.raises(SystemExit, match="iteration 20.*missing"):
         missing.load()
+
+
+def test_save_after_a_ckpt_step_rollback_replaces_the_later_checkpoint(megatron_single_process, tmp_path, capsys):
+    """--ckpt-step 30 in a --save directory that tracks 31: reaching 31 again saves the new lineage's state."""
+    record, directory = fixture("megatron_lm_gpt_tp1")
+    argv = fixture_argv(record, str(tmp_path))
+    sequences, steps = record["eval_batch"]["sequences"], record["continuation_reference"]["micro_batch_sequences"]
+    old = Trainer(argv + ["--load", directory])
+    state = old.load()
+    old.save(state)
+    state.advance(4, 256, 0.0, 0.0)  # an "old lineage" iteration 31: the weights of 30
+    old.save(state)
+    old_eval = old.eval_loss(sequences)
+
+    rolled = Trainer(argv + ["--load", str(tmp_path), "--ckpt-step", "30"])
+    state = rolled.load()
+    capsys.readouterr()
+    rolled.save(state)  # the state just loaded from --save: nothing to write
+    assert "saved checkpoint" not in capsys.readouterr().out
+    rolled.train_step(steps)
+    state.advance(4, 256, 0.0, 0.0)
+    rolled.save(state)
+    assert "saved checkpoint at iteration 31" in capsys.readouterr().out
+    new_eval = rolled.eval_loss(sequences)
+
+    reloaded = Trainer(argv + ["--load", str(tmp_path)])
+    assert reloaded.load().iteration == 31
+    assert reloaded.eval_loss(sequences) == new_eval != old_eval
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000030", "iter_0000031", "latest_checkpointed_iteration.txt"]
 
 
 def test_exit_duration_and_interval(megatron_single_process):

@@ -43,6 +43,9 @@ from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
 from megatron.core.utils import unwrap_model
 
+from megatron_tst.config import Phase
+from megatron_tst.parallel import collective_device
+
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 # Model arguments that must match between a checkpoint and the run that loads it (Megatron-LM names).
@@ -64,6 +67,10 @@ class TrainState:
     consumed_tokens: int = 0  # raw tokens
     num_floating_point_operations_so_far: float = 0.0
     wall_time_s: float = 0.0  # training time, summed over resumes
+    # Bookkeeping, not progress: the iteration whose checkpoint in --save holds exactly this state (saved or
+    # loaded there by this process), so a second save at it is skipped. Kept in memory, never read from the
+    # tracker file, which may belong to another lineage (--ckpt-step rollback) and ranks could read differently.
+    saved_iteration: Optional[int] = dataclasses.field(default=None, compare=False)
 
     def advance(self, samples: int, tokens: int, flops: float, seconds: float) -> None:
         self.iteration += 1
@@ -94,15 +101,16 @@ class ExitConditions:
 
     def check(self, state: TrainState) -> Optional[str]:
         args = self.args
-        local = 0
-        if self.signalled:
-            local = 3
-        elif args.exit_duration_in_mins and (time.time() - self.start) / 60 > args.exit_duration_in_mins:
-            local = 2
-        flag = torch.tensor([local], dtype=torch.int32,
-                            device="cuda" if torch.cuda.is_available() else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        reason = {3: "exit signal", 2: f"--exit-duration-in-mins {args.exit_duration_in_mins}"}.get(int(flag))
+        reason = None
+        if args.exit_signal_handler or args.exit_duration_in_mins:  # else no collective per step
+            local = 0
+            if self.signalled:
+                local = 3
+            elif args.exit_duration_in_mins and (time.time() - self.start) / 60 > args.exit_duration_in_mins:
+                local = 2
+            flag = torch.tensor([local], dtype=torch.int32, device=collective_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            reason = {3: "exit signal", 2: f"--exit-duration-in-mins {args.exit_duration_in_mins}"}.get(int(flag))
         if reason is None and args.exit_interval and state.iteration % args.exit_interval == 0:
             reason = f"--exit-interval {args.exit_interval}"
         return reason
@@ -347,13 +355,13 @@ def _state_dict(args, state, model, optimizer, scheduler, padded_vocab_size, *, 
 
 
 def _tst_state(args, state: TrainState) -> dict:
+    """Ours, for people and tools inspecting a checkpoint; a load reads back only consumed tokens and wall time."""
     tst = getattr(args, "tst", None)
+    superposition_steps = args.tst_superposition_steps if tst else 0
     return {
-        "version": 1, "bag_size": tst.bag_size if tst else 1,
-        "superposition_steps": getattr(args, "tst_superposition_steps", 0) if tst else 0,
+        "version": 1, "bag_size": tst.bag_size if tst else 1, "superposition_steps": superposition_steps,
         "weighting": tst.weighting if tst else None, "train_iters": args.train_iters,
-        "phase_of_next_step": ("superposition" if tst and state.iteration < args.tst_superposition_steps
-                               else "recovery"),
+        "phase_of_next_step": (Phase.SUPERPOSITION if state.iteration < superposition_steps else Phase.RECOVERY).value,
         "consumed_train_samples": state.consumed_train_samples, "consumed_tokens": state.consumed_tokens,
         "wall_time_s": state.wall_time_s, "seq_length": args.seq_length,
     }
@@ -365,10 +373,10 @@ def _tst_state(args, state: TrainState) -> dict:
 
 def save_checkpoint(args, state: TrainState, model, optimizer, scheduler) -> None:
     """Save at `state.iteration` to --save; complete or not at all (see module docstring)."""
+    if state.saved_iteration == state.iteration:
+        return  # this exact state is in --save already (an interval save, then the final one; or just loaded)
     root = args.save
     final = checkpoint_dir(root, state.iteration)
-    if latest_iteration(root) == state.iteration and os.path.isdir(final):
-        return  # this exact state is the tracked checkpoint already (e.g. saved right after loading it)
     partial = final + ".tmp"
     rank = dist.get_rank()
     if rank == 0:
@@ -377,7 +385,7 @@ def save_checkpoint(args, state: TrainState, model, optimizer, scheduler) -> Non
         os.makedirs(partial)
     dist.barrier()
     padded_vocab_size = unwrap_model(model[0]).vocab_size
-    wall_time = torch.tensor([state.wall_time_s], dtype=torch.float64)
+    wall_time = torch.tensor([state.wall_time_s], dtype=torch.float64, device=collective_device())
     dist.broadcast(wall_time, src=0)  # one value in the (replicated) common state
     state.wall_time_s = float(wall_time)
     sd = _state_dict(args, state, model, optimizer, scheduler, padded_vocab_size)
@@ -386,7 +394,12 @@ def save_checkpoint(args, state: TrainState, model, optimizer, scheduler) -> Non
                             content_metadata=_sharded_metadata(args))
     dist.barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)  # an untracked leftover (the tracked one was handled above)
+        # An older iter_N (a leftover, or another lineage's after a --ckpt-step rollback) is moved aside by a
+        # rename, not deleted first: the window without any iter_N stays two renames long.
+        replaced = final + ".old"
+        shutil.rmtree(replaced, ignore_errors=True)
+        if os.path.isdir(final):
+            os.replace(final, replaced)
         os.replace(partial, final)
         tracker_tmp = os.path.join(root, TRACKER + ".tmp")
         with open(tracker_tmp, "w") as f:
@@ -394,7 +407,9 @@ def save_checkpoint(args, state: TrainState, model, optimizer, scheduler) -> Non
             f.flush()
             os.fsync(f.fileno())
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        shutil.rmtree(replaced, ignore_errors=True)
     dist.barrier()
+    state.saved_iteration = state.iteration
     if rank == 0:
         print(f"saved checkpoint at iteration {state.iteration} to {final}", flush=True)
 
@@ -455,6 +470,8 @@ def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
             num_floating_point_operations_so_far=float(loaded.get("num_floating_point_operations_so_far", 0.0)),
             wall_time_s=float(tst.get("wall_time_s", 0.0)),
         )
+        if args.save and os.path.realpath(directory) == os.path.realpath(checkpoint_dir(args.save, iteration)):
+            state.saved_iteration = state.iteration
     if dist.get_rank() == 0:
         print(f"loaded checkpoint {directory} (iteration {iteration}"
               f"{', weights only' if finetune else ''}; consumed samples {state.consumed_train_samples})", flush=True)

@@ -19,16 +19,26 @@ from megatron_tst.forward_step import forward_step
 DataIterators = Union[Optional[Iterator[dict]], List[Optional[Iterator[dict]]]]
 
 
+def _sum_reports(reports: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """{loss name: [loss sum, count]} over this rank's micro-batches (on the device the losses are on)."""
+    return {key: torch.vstack([r[key].view(-1).float() for r in reports]).sum(dim=0) for key in reports[0]}
+
+
+def _global_means(totals: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """All-reduce each [loss sum, count] over data (+ context) parallel ranks; the mean per loss name."""
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    means = {}
+    for key, pair in totals.items():
+        torch.distributed.all_reduce(pair, group=group)
+        means[key] = float(pair[0] / pair[1].clamp(min=1))
+    return means
+
+
 def _reduce_losses(reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
     """{loss name: global-batch mean} on the last pipeline stage; {} elsewhere."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True) or not reports:
         return {}
-    reduced = {}
-    for key in reports[0]:
-        totals = torch.vstack([r[key].view(-1).float() for r in reports]).sum(dim=0)
-        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        reduced[key] = float(totals[0] / totals[1].clamp(min=1))
-    return reduced
+    return _global_means(_sum_reports(reports))
 
 
 def train_step(data: DataIterators, model, optimizer, scheduler, args) -> dict:
@@ -51,15 +61,21 @@ def train_step(data: DataIterators, model, optimizer, scheduler, args) -> dict:
             "skipped": 0 if update_successful else 1}
 
 
+# The name under which megatron-core's router tracks each balancing loss (transformer/moe/router.py).
+_AUX_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+                   "global_aux_loss": "global_load_balancing_loss"}
+
+
 def moe_aux_losses(args) -> Dict[str, float]:
-    """This step's router losses per MoE layer, averaged as Megatron-LM logs them ("load_balancing_loss",
-    "z_loss"); reads and clears megatron-core's tracker. Every rank calls it (it reduces across ranks)."""
+    """This step's router losses per MoE layer, averaged as Megatron-LM logs them ("load_balancing_loss" or its
+    seq/global variant, "z_loss"); reads and clears megatron-core's tracker. Every rank calls it (it reduces
+    across ranks)."""
     from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
     names = []
-    if args.moe_router_load_balancing_type in ("aux_loss", "seq_aux_loss", "global_aux_loss"):
-        names.append("load_balancing_loss")
-    if args.moe_z_loss_coeff:
+    if args.moe_router_load_balancing_type in _AUX_LOSS_NAMES:
+        names.append(_AUX_LOSS_NAMES[args.moe_router_load_balancing_type])
+    if args.moe_z_loss_coeff is not None:  # the router tracks z_loss whenever a coefficient is set
         names.append("z_loss")
     totals: Dict[str, torch.Tensor] = {}
     track_moe_metrics(loss_scale=1.0 / get_num_microbatches(), iteration=0, total_loss_dict=totals,
@@ -73,7 +89,7 @@ def evaluate(data: DataIterators, num_steps: int, model, args) -> Dict[str, floa
     """Mean loss over `num_steps` global batches (forward only); `data` streams all of their micro-batches."""
     for chunk in model:
         chunk.eval()
-    totals: Dict[str, List[float]] = {}
+    totals: Dict[str, torch.Tensor] = {}
     for _ in range(num_steps):
         reports = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=data, model=model,
@@ -81,16 +97,8 @@ def evaluate(data: DataIterators, num_steps: int, model, args) -> Dict[str, floa
             micro_batch_size=args.micro_batch_size, forward_only=True,
         )
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            for key in reports[0]:
-                summed = torch.vstack([r[key].view(-1).float() for r in reports]).sum(dim=0)
-                acc = totals.setdefault(key, [0.0, 0.0])
-                acc[0] += float(summed[0])
-                acc[1] += float(summed[1])
+            for key, pair in _sum_reports(reports).items():  # float64 across steps: many eval batches
+                totals[key] = totals.get(key, 0) + pair.double()
     for chunk in model:
         chunk.train()
-    out = {}
-    for key, (loss_sum, count) in totals.items():
-        pair = torch.tensor([loss_sum, count], dtype=torch.float64)
-        torch.distributed.all_reduce(pair, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        out[key] = float(pair[0] / pair[1].clamp(min=1))
-    return out
+    return _global_means(totals)
