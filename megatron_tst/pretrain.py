@@ -258,11 +258,14 @@ def main(argv=None) -> int:
         print_rank_0(f"TST: bag size {args.tst.bag_size}, {run.plan.superposition_steps} superposition steps, "
                      f"then {args.train_iters - run.plan.superposition_steps} recovery steps "
                      f"({args.tst.weighting} weighting)")
-    reason = "skip-train"
-    if not args.skip_train:
+    last_phase = lambda: run.plan.phase_at(run.state.iteration - 1) if run.state.iteration else Phase.RECOVERY
+    if args.skip_train:  # Megatron-LM: no training, but the validation evaluation still runs
+        reason = "skip-train"
+        run.evaluate_phase(last_phase())
+    else:
         reason = run.train()
     if reason == "done" and not (args.eval_interval and run.state.iteration % args.eval_interval == 0):
-        run.evaluate_phase(run.plan.phase_at(run.state.iteration - 1) if run.state.iteration else Phase.RECOVERY)
+        run.evaluate_phase(last_phase())
     if reason == "done" and args.save:
         checkpointing.save_checkpoint(args, run.state, run.model, run.optimizer, run.scheduler)
     if reason == "exit signal":

@@ -98,3 +98,12 @@ def test_cli_refuses_bad_data_before_heavy_work(tmp_path):
     assert result.returncode != 0
     assert "error:" in result.stderr and "outside the model's vocabulary of 100" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_mfu_peak_is_looked_up_by_the_most_specific_device_name():
+    from megatron_tst.training.metrics import peak_tflops_of_device_name
+
+    assert peak_tflops_of_device_name("NVIDIA GB200") == 2500.0  # not B200's 2250
+    assert peak_tflops_of_device_name("NVIDIA B200") == 2250.0
+    assert peak_tflops_of_device_name("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops_of_device_name("Intel Xeon") is None

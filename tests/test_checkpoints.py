@@ -1,6 +1,7 @@
 """Checkpoints: continue from Megatron-LM 0.19.2's own checkpoints, our layout round trip, resharding,
 safe loading, and clear errors. (Resume after kill -9 and SIGTERM: test_resume.py.)"""
 
+import json
 import os
 import pickle
 import subprocess
@@ -254,3 +255,19 @@ def test_megatron_lm_command_line_continues_unchanged(tmp_path):
     assert "loaded checkpoint" in result.stdout and "iteration 30" in result.stdout
     assert "iteration       31/     100" in result.stdout and "consumed samples:          128" in result.stdout
     assert open(tmp_path / "save" / "latest_checkpointed_iteration.txt").read().strip() == "32"
+
+
+def test_skip_train_evaluates_the_loaded_checkpoint(tmp_path):
+    """Megatron-LM's --skip-train: load, evaluate on the validation split, train and save nothing."""
+    record, directory = fixture("megatron_lm_gpt_tp1")
+    corpus = build_byte_corpus(str(tmp_path / "data"))
+    metrics = tmp_path / "metrics.jsonl"
+    argv = fixture_argv(record, str(tmp_path / "save")) + [
+        "--load", directory, "--data-path", corpus, "--data-cache-path", str(tmp_path / "cache"),
+        "--eval-iters", "1", "--num-workers", "0", "--skip-train", "--metrics-jsonl", str(metrics)]
+    result = subprocess.run([sys.executable, "-m", "megatron_tst.pretrain"] + argv, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in open(metrics)]
+    assert [(r["iteration"], r["phase"]) for r in records if r["kind"] == "eval"] == [(30, "recovery")]
+    assert not [r for r in records if r["kind"] == "train"] and not (tmp_path / "save").exists()

@@ -81,6 +81,9 @@ def test_command_line_overrides_the_recipe():
                    "--tst-superposition-ratio", "0"] + NO_DATA + ["--vocab-size", "128256"], world_size=8)
     assert args.lr == 1e-4 and args.micro_batch_size == 1 and args.tst_superposition_steps == 0
     assert args.tensor_model_parallel_size == 2 and args.sequence_parallel  # recipe's SP applies at TP > 1
+    for given in (["--tst-superposition-iters", "100"], ["--tst-superposition-iters=100"]):
+        steps = _parse(["--recipe", "3b"] + given + NO_DATA + ["--vocab-size", "128256"], world_size=8)
+        assert steps.tst_superposition_steps == 100  # replaces the recipe's ratio, in either flag form
 
 
 def test_recipe_lr_decay_follows_a_shorter_train_iters(tmp_path):

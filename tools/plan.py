@@ -70,8 +70,10 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, uninstalled
 
+from megatron_tst.training.metrics import PEAK_BF16_TFLOPS  # noqa: E402
+
 GIB = float(2 ** 30)
-DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, bf16 dense
+DEFAULT_PEAK_TFLOPS = PEAK_BF16_TFLOPS["H100"]  # H100 / H200 SXM, bf16 dense
 
 
 class PlanError(Exception):

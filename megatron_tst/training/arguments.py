@@ -358,7 +358,7 @@ _ALTERNATIVES = (("--tst-superposition-ratio", "--tst-superposition-iters"),
 def _drop_overridden_alternatives(prefix: List[str], argv: List[str]) -> List[str]:
     """Remove from the recipe/config part the flags whose alternative the command line gives."""
     for group in _ALTERNATIVES:
-        if any(flag in argv for flag in group):
+        if any(_last_value(argv, flag) is not None for flag in group):
             kept, skip = [], False
             for token in prefix:
                 if skip:

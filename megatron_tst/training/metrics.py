@@ -31,10 +31,15 @@ def device_peak_tflops(override: Optional[float] = None) -> Optional[float]:
         return override
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_BF16_TFLOPS.items():
+    return peak_tflops_of_device_name(torch.cuda.get_device_name())
+
+
+def peak_tflops_of_device_name(name: str) -> Optional[float]:
+    """The table's peak for a device name such as "NVIDIA H100 80GB HBM3", or None."""
+    # Longest key first: "B200" is also a substring of "GB200".
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
         if key in name:
-            return value
+            return PEAK_BF16_TFLOPS[key]
     return None
 
 
