@@ -69,3 +69,22 @@ class TSTConfig:
     def phase_at(self, iteration: int, train_iters: int) -> Phase:
         """Phase of the step that starts at `iteration` completed steps (0-based)."""
         return Phase.SUPERPOSITION if iteration < self.superposition_steps(train_iters) else Phase.RECOVERY
+
+    def check_layout(self, seq_length: Optional[int], *, tensor_parallel_size: int = 1,
+                     sequence_parallel: bool = False, context_parallel_size: int = 1,
+                     pipeline_parallel_size: int = 1, untie_embeddings_and_output_weights: bool = True) -> None:
+        """Refuse (ValueError) sizes a superposition step cannot run with: bags straddling samples or parallel
+        slices, and tied embeddings across pipeline stages. Plain sizes only, so that `parse_args` can check
+        before any process starts and the model build checks again with its own config."""
+        from megatron_tst.superposition import check_bag_layout  # megatron-core import, only when checking
+
+        if seq_length is not None:
+            if seq_length % self.bag_size:
+                raise ValueError(
+                    f"--seq-length {seq_length} must be divisible by --tst-bag-size {self.bag_size}: a superposition "
+                    f"sample is {self.bag_size} baseline samples and bags must not straddle them")
+            check_bag_layout(seq_length, self.bag_size, tensor_parallel_size=tensor_parallel_size,
+                             sequence_parallel=sequence_parallel, context_parallel_size=context_parallel_size)
+        if not untie_embeddings_and_output_weights and pipeline_parallel_size > 1:
+            raise ValueError("tied input/output embeddings across pipeline stages are not supported with TST: "
+                             "use --untie-embeddings-and-output-weights (the paper's setting) or PP=1")

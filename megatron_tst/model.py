@@ -34,7 +34,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_tst.config import TSTConfig
 from megatron_tst.mce import vocab_parallel_multi_hot_cross_entropy
-from megatron_tst.superposition import check_bag_layout, superposed_embedding
+from megatron_tst.superposition import superposed_embedding
 
 
 def transformer_engine_available() -> bool:
@@ -139,24 +139,21 @@ def layer_spec(config: TransformerConfig, use_transformer_engine: bool, vp_stage
     return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
 
 
-def validate_tst_model(config: TransformerConfig, options: GPTModelOptions, tst: TSTConfig,
-                       seq_length: Optional[int] = None, use_transformer_engine: bool = False) -> None:
-    """Refuse, with clear errors, model settings that a superposition step cannot run correctly."""
-    if seq_length is not None:
-        if seq_length % tst.bag_size:
-            raise ValueError(
-                f"--seq-length {seq_length} must be divisible by --tst-bag-size {tst.bag_size}: a superposition "
-                f"sample is {tst.bag_size} baseline samples and bags must not straddle them"
-            )
-        check_bag_layout(seq_length, tst.bag_size, tensor_parallel_size=config.tensor_model_parallel_size,
-                         sequence_parallel=config.sequence_parallel,
-                         context_parallel_size=config.context_parallel_size)
+def check_context_parallel_supported(config: TransformerConfig, use_transformer_engine: bool) -> None:
+    """CP needs Transformer Engine's attention (with TST or without): refuse it at build time otherwise."""
     if config.context_parallel_size > 1 and not use_transformer_engine:
         raise ValueError("context parallelism needs Transformer Engine (megatron-core's local attention refuses "
                          "it): install transformer-engine or use --context-parallel-size 1")
-    if not options.untie_embeddings_and_output_weights and config.pipeline_model_parallel_size > 1:
-        raise ValueError("tied input/output embeddings across pipeline stages are not supported with TST: "
-                         "use --untie-embeddings-and-output-weights (the paper's setting) or PP=1")
+
+
+def validate_tst_model(config: TransformerConfig, options: GPTModelOptions, tst: TSTConfig,
+                       seq_length: Optional[int] = None, use_transformer_engine: bool = False) -> None:
+    """Refuse, with clear errors, model settings that a superposition step cannot run correctly."""
+    tst.check_layout(seq_length, tensor_parallel_size=config.tensor_model_parallel_size,
+                     sequence_parallel=config.sequence_parallel, context_parallel_size=config.context_parallel_size,
+                     pipeline_parallel_size=config.pipeline_model_parallel_size,
+                     untie_embeddings_and_output_weights=options.untie_embeddings_and_output_weights)
+    check_context_parallel_supported(config, use_transformer_engine)
     if options.position_embedding_type not in ("rope", "learned_absolute", "none"):
         raise ValueError(f"position embedding {options.position_embedding_type!r} is not supported with TST "
                          "(rope, learned_absolute or none)")
@@ -188,8 +185,8 @@ def build_gpt_model(
     use_te = options.uses_transformer_engine()
     if tst is not None:
         validate_tst_model(config, options, tst, seq_length=seq_length, use_transformer_engine=use_te)
-    elif config.context_parallel_size > 1 and not use_te:
-        raise ValueError("context parallelism needs Transformer Engine (megatron-core's local attention refuses it)")
+    else:
+        check_context_parallel_supported(config, use_te)
     extra = {"tst": tst} if issubclass(model_class, TSTGPTModel) else {}
     if tst is not None and not extra:
         raise ValueError(f"{model_class.__name__} cannot run superposition steps: build a TSTGPTModel for TST")

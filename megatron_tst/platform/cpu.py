@@ -78,12 +78,13 @@ def cpu_config_overrides() -> dict:
     """TransformerConfig fields to set when running on CPU (empty on GPU).
 
     `batch_p2p_comm=False`: with gloo, `batch_isend_irecv` mispairs the interleaved pipeline schedule's
-    sends and receives (wrong activations, measured), and batched p2p would also `torch.cuda.synchronize`
-    (p2p_communication.py:398). `use_cpu_initialization` makes weights independent of the parallel layout.
+    sends and receives (wrong activations, measured); the unbatched path also skips batched p2p's
+    `torch.cuda.synchronize` (p2p_communication.py:398). `use_cpu_initialization` makes weights independent
+    of the parallel layout.
     """
     if cuda_available():
         return {}
-    return {"batch_p2p_comm": False, "batch_p2p_sync": False, "use_cpu_initialization": True}
+    return {"batch_p2p_comm": False, "use_cpu_initialization": True}
 
 
 # --------------------------------------------------------------------------------------------------

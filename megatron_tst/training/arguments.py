@@ -546,7 +546,6 @@ def _is_number(text: str) -> bool:
 
 def _validate_tst_args(args) -> None:
     from megatron_tst.config import TSTConfig
-    from megatron_tst.superposition import check_bag_layout
 
     given = [f for f in TST_FLAGS[:3] if getattr(args, f[2:].replace("-", "_")) is not None]
     if not given:
@@ -557,14 +556,10 @@ def _validate_tst_args(args) -> None:
     args.tst = TSTConfig(bag_size=args.tst_bag_size, superposition_ratio=args.tst_superposition_ratio,
                          superposition_iters=args.tst_superposition_iters, weighting=args.tst_weighting)
     args.tst_superposition_steps = args.tst.superposition_steps(args.train_iters)
-    if args.seq_length % args.tst_bag_size:
-        raise ValueError(f"--seq-length {args.seq_length} must be divisible by --tst-bag-size {args.tst_bag_size}: "
-                         "a superposition sample is s baseline samples and bags must not straddle them")
-    check_bag_layout(args.seq_length, args.tst_bag_size, tensor_parallel_size=args.tensor_model_parallel_size,
-                     sequence_parallel=args.sequence_parallel, context_parallel_size=args.context_parallel_size)
-    if not args.untie_embeddings_and_output_weights and args.pipeline_model_parallel_size > 1:
-        raise ValueError("tied input/output embeddings across pipeline stages are not supported with TST: "
-                         "use --untie-embeddings-and-output-weights or PP=1")
+    args.tst.check_layout(args.seq_length, tensor_parallel_size=args.tensor_model_parallel_size,
+                          sequence_parallel=args.sequence_parallel, context_parallel_size=args.context_parallel_size,
+                          pipeline_parallel_size=args.pipeline_model_parallel_size,
+                          untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -623,8 +618,6 @@ def transformer_config_from_args(args, **overrides):
         **moe,
     )
     kwargs.update(cpu.cpu_config_overrides())
-    if args.use_cpu_initialization:
-        kwargs["use_cpu_initialization"] = True
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
-from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer import get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
@@ -82,14 +82,9 @@ def build_model(args, config, options, model_class: type = TSTGPTModel) -> List[
 def build_optimizer_and_scheduler(args, model):
     """Megatron's optimizer (distributed or not) and its LR/WD schedule, in samples as Megatron-LM counts."""
     config = arguments.optimizer_config_from_args(args)
-    overrides = None
-    try:  # megatron-core >= 0.17 makes the classic weight-decay skips explicit
-        from megatron.core.optimizer import get_standard_config_overrides
-
-        overrides = get_standard_config_overrides(config)
-    except ImportError:
-        pass
-    optimizer = get_megatron_optimizer(config, model, config_overrides=overrides)
+    # Megatron-LM's weight-decay skips (biases, norms), passed explicitly: newer megatron-core stops
+    # defaulting to them when no overrides are given.
+    optimizer = get_megatron_optimizer(config, model, config_overrides=get_standard_config_overrides(config))
     gbs = args.global_batch_size
     decay_steps = args.lr_decay_iters * gbs
     warmup_steps = (args.lr_warmup_fraction * decay_steps if args.lr_warmup_fraction is not None
