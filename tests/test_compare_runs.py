@@ -224,7 +224,8 @@ def test_switch_iteration(tmp_path):
     assert cr.switch_iteration(base) is None
 
 
-def test_tensorboard_directory(tmp_path):
+@pytest.mark.parametrize("phase_tag", [True, False], ids=["phase-tag", "no-phase-tag"])
+def test_tensorboard_directory(tmp_path, phase_tag):
     pytest.importorskip("tensorboard")
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -234,6 +235,8 @@ def test_tensorboard_directory(tmp_path):
         values = {"loss": 5.0 - n / 100, "eval_lm_loss": baseline_loss(n), "flops": n * FLOPS_PER_STEP}
         if n <= 30:
             values["eval_mce_loss"] = 7.0
+        if phase_tag:  # as the trainer's MetricsWriter logs it on every train and eval step
+            values["phase_is_superposition"] = float(n <= 30)
         summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=value)
                                              for tag, value in values.items()])
         writer.add_event(event_pb2.Event(step=n, wall_time=1.0e9 + n, summary=summary))
@@ -243,6 +246,13 @@ def test_tensorboard_directory(tmp_path):
     assert run.eval_curve()[-1][1] == pytest.approx(baseline_loss(100), rel=1e-6)
     assert run.eval_curve("flops")[-1][0] == pytest.approx(100 * FLOPS_PER_STEP, rel=1e-6)
     assert cr.switch_iteration(run) == 40
+    train_phases = {record["iteration"]: record.get("phase") for record in run.train}
+    if phase_tag:
+        assert [n for n, phase in train_phases.items() if phase == "superposition"] == [10, 20, 30]
+        assert all(train_phases[n] == "recovery" for n in range(40, 101, 10))
+        assert all("phase_is_superposition" not in record for record in run.train + run.evals)
+    else:  # without the tag only eval records can be placed (by eval_mce_loss)
+        assert set(train_phases.values()) == {None}
 
 
 # ---------------------------------------------------------------- command line

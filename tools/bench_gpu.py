@@ -15,15 +15,14 @@ imports (else the local spec, with a warning, at micro-batch 2 unless --micro-ba
 Reported per variant: ms/step, raw tokens/s (all GPUs), positions/s, TFLOP/s/GPU (Megatron-LM's FLOPs formula;
 a superposition step counts as a stock step of the same positions), MFU (peak from --peak-tflops or the
 known-GPU table: H200 989 dense bf16), step time relative to stock, and tokens/s / (s x stock tokens/s), the
-share of the ideal s-fold data throughput. Exit status: 0, or 1 when a loss/gradient norm was not finite,
-2 no GPU (and no --allow-cpu), 3 crashed.
+share of the ideal s-fold data throughput. Exit status: 0, or 1 when a loss/gradient norm was not finite (or a
+step was skipped), 2 no GPU (and no --allow-cpu), 3 crashed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -35,26 +34,17 @@ SCRIPT = "bench_gpu"
 def run(cli) -> int:
     from megatron_tst.testing import bench
 
-    bench.quiet_known_warnings()
-    bench.warn_without_te(SCRIPT)
-    world = bench.world_size_from_env()
-    overrides, vocab = bench.gpu_overrides(cli, world)
-    args = bench.trainer_args(cli.recipe, overrides, vocab, world)
-    bench.reinitialize(args)
-    summary = bench.measure(args, bag_sizes=cli.bag_sizes, warmup=cli.warmup, reps=cli.steps,
-                            peak_tflops=cli.peak_tflops)
-    finite = all(math.isfinite(x) for r in summary["variants"].values() for x in r["losses"] + r["grad_norms"])
+    summary = bench.measure_for_script(cli, SCRIPT)[0]
+    failed = [c for c in (bench.finite_check(name, r) for name, r in summary["variants"].items()) if not c.ok]
     if bench.is_rank0():
-        print(bench.describe(summary))
-        print(f"# {cli.warmup} warmup + {cli.steps} timed rounds; medians\n")
-        print(bench.format_gpu_table(summary), flush=True)
-        if not finite:
-            print(f"\n{SCRIPT}: a loss or gradient norm was not finite (see --json for the values)", flush=True)
+        if failed:
+            print(f"{SCRIPT}: a loss or gradient norm was not finite, or a step was skipped:", flush=True)
+            bench.print_checks(failed)
         if cli.json:
             with open(cli.json, "w") as f:
                 json.dump(summary, f, indent=1)
     bench.shutdown()
-    return 0 if finite else 1
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:

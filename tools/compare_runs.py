@@ -3,8 +3,9 @@
     python tools/compare_runs.py BASELINE.jsonl TST.jsonl [MORE ...] --out DIR [--json] [--labels a b c]
 
 Each input is a trainer ``--metrics-jsonl`` file (one JSON object per line) or a TensorBoard event
-directory whose scalar tags carry the same names as the jsonl keys (step = iteration). The first run
-is the reference (baseline); every other run is compared against it:
+directory whose scalar tags carry the same names as the jsonl keys (step = iteration; the phase is
+the ``phase_is_superposition`` scalar). The first run is the reference (baseline); every other run is
+compared against it:
 
 * ``equal_loss_speedup``: the other run ends with validation next-token loss l at iteration N; the
   baseline's eval curve first reaches l at the (linearly interpolated) iteration N_B; speedup = N_B / N.
@@ -57,6 +58,8 @@ EVAL_LOSS_KEY = "eval_lm_loss"
 TRAIN_LOSS_KEY = "loss"
 SUPERPOSITION = "superposition"
 RECOVERY = "recovery"
+# TensorBoard scalar the trainer's MetricsWriter logs on every train and eval step (1.0: superposition).
+PHASE_TAG = "phase_is_superposition"
 # Keys an eval record may borrow from the train record logged at the same iteration.
 SHARED_AXIS_KEYS = ("flops", "consumed_tokens", "wall_time_s")
 # x-axes of the validation-loss plots: record key, axis label, file name stem.
@@ -235,9 +238,12 @@ def read_tensorboard_records(directory: str) -> list:
 
     Scalars logged at one step form one record. A step with an ``eval_lm_loss`` scalar gives an eval
     record holding every ``eval_*`` scalar of that step plus the step's flops, consumed_tokens and
-    wall_time_s; a step with a ``loss`` scalar gives a train record holding the other scalars. Phases
-    are not logged as scalars: when the run logged ``eval_mce_loss`` (superposition phase only), eval
-    records with it are in the superposition phase and those without it in the recovery phase.
+    wall_time_s; a step with a ``loss`` scalar gives a train record holding the other scalars. The
+    phase of both comes from the step's ``phase_is_superposition`` scalar (1: superposition, 0:
+    recovery), which the trainer logs on every train and eval step. For event files without it, eval
+    records are placed by ``eval_mce_loss`` when the run logged it (superposition phase only): those
+    with it in the superposition phase, those without in the recovery phase; train records then get
+    no phase.
     """
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -255,14 +261,22 @@ def read_tensorboard_records(directory: str) -> list:
     has_mce = any("eval_mce_loss" in scalars for scalars in scalars_by_step.values())
     records = []
     for step in sorted(scalars_by_step):
-        scalars = scalars_by_step[step]
+        scalars = dict(scalars_by_step[step])
+        # The trainer logs one phase per step: its train and eval records there share the phase.
+        is_superposition = scalars.pop(PHASE_TAG, None)
+        phase = None if is_superposition is None else (SUPERPOSITION if is_superposition >= 0.5 else RECOVERY)
         if TRAIN_LOSS_KEY in scalars:
             train = {k: v for k, v in scalars.items() if not k.startswith("eval_")}
-            records.append({**train, "kind": "train", "iteration": step})
+            train.update(kind="train", iteration=step)
+            if phase is not None:
+                train["phase"] = phase
+            records.append(train)
         if EVAL_LOSS_KEY in scalars:
             evaluation = {k: v for k, v in scalars.items() if k.startswith("eval_") or k in SHARED_AXIS_KEYS}
             evaluation.update(kind="eval", iteration=step)
-            if has_mce:
+            if phase is not None:
+                evaluation["phase"] = phase
+            elif has_mce:
                 evaluation["phase"] = SUPERPOSITION if "eval_mce_loss" in scalars else RECOVERY
             records.append(evaluation)
     return records

@@ -38,15 +38,17 @@ echo "+ ${COMMAND[*]}"
 OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore "${COMMAND[@]}" 2>&1 | grep -v -e "^\s*warnings.warn" -e "UserWarning" \
     -e "return func(\*args" -e "checkpoint.load_state_dict(" | tee "$RUN_DIR/train.log"
 
+# compare_runs' reader: a rerun resumes and appends to metrics.jsonl; it keeps the latest record per step.
 .venv/bin/python - "$RUN_DIR" <<'EOF'
-import json, os, sys
+import os, sys
+sys.path.insert(0, "tools")
+from compare_runs import load_run
 run = sys.argv[1]
-records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-evals = [r for r in records if r["kind"] == "eval"]
-train = [r for r in records if r["kind"] == "train"]
-steps = records[0]["tst"]["superposition_steps"]
+log = load_run(os.path.join(run, "metrics.jsonl"))
+evals, train, tst = log.evals, log.train, log.header["tst"]
+steps = tst["superposition_steps"]
 print("\n=== demo summary ===")
-print(f"phases: superposition for iterations 1..{steps} (bags of {records[0]['tst']['bag_size']}), "
+print(f"phases: superposition for iterations 1..{steps} (bags of {tst['bag_size']}), "
       f"recovery for {steps + 1}..{train[-1]['iteration']}")
 for r in evals:
     extra = f", MCE {r['eval_mce_loss']:.3f}" if r.get("eval_mce_loss") is not None else ""

@@ -1,11 +1,16 @@
 """TST inside your own Megatron-Core training code: the thin-plugin path (the README's example).
 
     python tools/example_plugin.py                              # CPU, 1 process
-    torchrun --nproc-per-node 2 tools/example_plugin.py --tp 2  # any layout Megatron-Core supports
+    torchrun --nproc-per-node 2 tools/example_plugin.py --tp 2  # tensor parallel: as many processes as --tp
 
 Three pieces plug into an ordinary Megatron-Core loop: the model provider (Megatron's provider signature; its
 model is Megatron-Core's GPTModel with stock state-dict keys), the superposition batch builder, and a
 `forward_step` that follows Megatron's schedule protocol in both phases. The phase travels with the batch.
+
+The example covers tensor parallelism only. Data parallelism (more processes than --tp) would also need the
+model wrapped in Megatron-Core's DistributedDataParallel, its gradients reduced across replicas before the
+optimizer step (`finalize_model_grads`), and a different slice of the batch on each data-parallel rank, as in
+Megatron's own training loop; the trainer (megatron_tst/training/) does all of that.
 """
 
 import argparse

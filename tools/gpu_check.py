@@ -40,6 +40,7 @@ CP_GRAD_NORM_RTOL = 5e-2
 def context_parallel_check(cli, overrides: dict, vocab: int, world: int) -> tuple:
     """(checks, details): one step per phase at CP=1 and at CP=cli.cp_size on the same global batch."""
     from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
 
     from megatron_tst.testing import bench
     from megatron_tst.training import build
@@ -48,8 +49,10 @@ def context_parallel_check(cli, overrides: dict, vocab: int, world: int) -> tupl
     cp = cli.cp_size
     mbs = overrides["micro-batch-size"]
     s = cli.bag_sizes[-1]
+    # Keyed by the layout's position: with --cp-size 1 both layouts have CP=1 and must not share a key.
+    layouts = (1, cp)
     initial, results = None, {}
-    for layout_cp in (1, cp):
+    for index, layout_cp in enumerate(layouts):
         ov = dict(overrides, **{"context-parallel-size": layout_cp, "global-batch-size": mbs * world,
                                 "tst-bag-size": s})
         args = bench.trainer_args(cli.recipe, ov, vocab, world)
@@ -66,21 +69,23 @@ def context_parallel_check(cli, overrides: dict, vocab: int, world: int) -> tupl
             bench.restore(chunks, initial)  # every step starts from the same weights
             batches = bench.step_microbatches(vargs, kind=phase, bag_size=s, vocab_size=vocab, seed=1,
                                               dp_rank=dp_rank, dp_size=dp_size,
-                                              num_microbatches=args.global_batch_size // (mbs * dp_size))
+                                              num_microbatches=get_num_microbatches())
             out = train_step(iter(batches), chunks, optimizer, scheduler, vargs)
             (loss,) = out["losses"].values()
-            results[(layout_cp, phase)] = (loss, out["grad_norm"])
+            results[(index, phase)] = (loss, out["grad_norm"])
         del chunks, optimizer, scheduler, batches
         bench.release([])
     checks = []
     for phase in (bench.SUPERPOSITION, bench.RECOVERY):
-        (l1, g1), (lc, gcp) = results[(1, phase)], results[(cp, phase)]
+        (l1, g1), (lc, gcp) = results[(0, phase)], results[(1, phase)]
         rel_loss, rel_grad = abs(lc - l1) / abs(l1), abs(gcp - g1) / max(abs(g1), 1e-30)
         checks.append(bench.Check(f"CP={cp} vs CP=1, {phase} (s={s}) loss, rel <= {CP_LOSS_RTOL:g}",
                                   rel_loss <= CP_LOSS_RTOL, f"{lc:.5f} vs {l1:.5f}, rel {rel_loss:.2e}"))
         checks.append(bench.Check(f"CP={cp} vs CP=1, {phase} (s={s}) gradient norm, rel <= {CP_GRAD_NORM_RTOL:g}",
                                   rel_grad <= CP_GRAD_NORM_RTOL, f"{gcp:.5f} vs {g1:.5f}, rel {rel_grad:.2e}"))
-    details = {f"cp{k[0]}_{k[1]}": {"loss": v[0], "grad_norm": v[1]} for k, v in results.items()}
+    names = ("cp1", f"cp{cp}" if cp != 1 else "cp1_again")
+    details = {f"{names[index]}_{phase}": {"loss": loss, "grad_norm": grad_norm}
+               for (index, phase), (loss, grad_norm) in results.items()}
     return checks, details
 
 
@@ -88,31 +93,20 @@ def run(cli) -> int:
     from megatron_tst.model import transformer_engine_available
     from megatron_tst.testing import bench
 
-    bench.quiet_known_warnings()
-    bench.warn_without_te(SCRIPT)
-    world = bench.world_size_from_env()
-    overrides, vocab = bench.gpu_overrides(cli, world)
-    args = bench.trainer_args(cli.recipe, overrides, vocab, world)
-    bench.reinitialize(args)
+    summary, overrides, vocab, world = bench.measure_for_script(cli, SCRIPT)
     rank0 = bench.is_rank0()
-    summary = bench.measure(args, bag_sizes=cli.bag_sizes, warmup=cli.warmup, reps=cli.steps,
-                            peak_tflops=cli.peak_tflops)
-    if rank0:
-        print(bench.describe(summary))
-        print(f"# {cli.warmup} warmup + {cli.steps} timed rounds; medians\n")
-        print(bench.format_gpu_table(summary) + "\n", flush=True)
     # Same weights, batch and forward: exactly equal on CPU; on GPU allow for kernel choices.
     checks = bench.standard_checks(summary, same_loss_rtol=1e-3 if torch.cuda.is_available() else 1e-6)
 
     report = {"summary": summary}
-    cp_ok = world >= 2 and world % cli.cp_size == 0 and (cli.cp_size == 1 or transformer_engine_available())
     if cli.skip_cp:
         skip = "--skip-cp"
     elif world < 2:
         skip = f"needs >= 2 GPUs (world size {world}); run under torchrun --nproc-per-node 2"
-    elif not cp_ok:
-        skip = (f"world size {world} is not a multiple of CP={cli.cp_size}" if world % cli.cp_size
-                else "needs Transformer Engine (megatron-core's local attention refuses CP)")
+    elif world % cli.cp_size:
+        skip = f"world size {world} is not a multiple of CP={cli.cp_size}"
+    elif cli.cp_size != 1 and not transformer_engine_available():
+        skip = "needs Transformer Engine (megatron-core's local attention refuses CP)"
     else:
         skip = None
         cp_checks, report["context_parallel"] = context_parallel_check(cli, overrides, vocab, world)

@@ -7,8 +7,8 @@ on the demo corpus (tools/build_demo_data.py, built into --data-dir when missing
 same positions per step (global batch x seq length), the same warmup-stable-decay LR schedule and the same
 seed; the TST run only adds ``--tst-bag-size S --tst-superposition-ratio R``. Each run is
 ``torchrun --standalone --nproc-per-node 2 -m megatron_tst.pretrain ...`` (DP=2, gloo on CPU) writing
-``--metrics-jsonl``; then ``tools/compare_runs.py BASE TST --out OUT --json`` gives the equal-loss speedup,
-the equal-FLOPs loss gap and the plots.
+``--metrics-jsonl``; then tools/compare_runs.py (in this process: its reader, report and plots) gives the
+equal-loss speedup, the equal-FLOPs loss gap and the plots.
 
 A run whose metrics already hold the final evaluation (at --steps), made with the same trainer flags, is
 skipped unless --force; any other is started over. The defaults (6 layers, hidden 384, seq 192, global
@@ -33,6 +33,9 @@ import subprocess
 import sys
 import time
 from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/, for compare_runs
+import compare_runs  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED_PLOTS = ("eval_loss_vs_steps.png", "eval_loss_vs_tokens.png", "train_loss_vs_steps.png")
@@ -108,17 +111,10 @@ def run_commands(args) -> dict:
             for name, extra in (("baseline", []), ("tst", tst))}
 
 
-def read_jsonl(path: str) -> list:
-    """The records of a metrics jsonl file ([] when missing)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def is_finished(path: str, steps: int) -> bool:
     """Whether the metrics file holds an evaluation at the final iteration."""
-    return any(r.get("kind") == "eval" and r.get("iteration") == steps for r in read_jsonl(path))
+    return os.path.exists(path) and any(r.get("kind") == "eval" and r.get("iteration") == steps
+                                        for r in compare_runs.read_jsonl_records(path))
 
 
 def ensure_data(data_dir: str) -> None:
@@ -195,45 +191,37 @@ def split_statistics(data_prefix: str, seq_length: int, vocab_size: int = 8192) 
             "valid_unigram_cross_entropy": unigram_ce}
 
 
-def last(records: list, kind: str, **match) -> Optional[dict]:
-    """The last record of ``kind`` whose fields equal ``match``."""
-    found = [r for r in records if r.get("kind") == kind and all(r.get(k) == v for k, v in match.items())]
-    return found[-1] if found else None
+def record_at(records: list, iteration) -> dict:
+    """The record at ``iteration`` ({} when none); a RunLog keeps one per iteration, in order."""
+    return next((r for r in records if r["iteration"] == iteration), {})
 
 
-def switch_details(tst: list, base: list, switch: Optional[int]) -> Optional[dict]:
-    """Losses around the phase switch: eval LM loss at the switch and at the next eval, the train loss of
-    the last superposition step (MCE) and of the first recovery steps (LM), the baseline's at the same steps."""
+def switch_details(tst, base, switch: Optional[int]) -> Optional[dict]:
+    """Losses around the phase switch (``tst`` and ``base`` are compare_runs RunLogs): eval LM loss at the
+    switch and at the next eval, the train loss of the last superposition step (MCE) and of the first recovery
+    steps (LM), the baseline's at the same steps."""
     if not switch:
         return None
-    evals_after = [r for r in tst if r.get("kind") == "eval" and r["iteration"] > switch]
-    after = evals_after[0]["iteration"] if evals_after else None
+    after = next((r["iteration"] for r in tst.evals if r["iteration"] > switch), None)
 
-    def eval_at(records, iteration):
-        record = last(records, "eval", iteration=iteration)
-        return record and record["eval_lm_loss"]
+    def eval_at(run, iteration):
+        return record_at(run.evals, iteration).get("eval_lm_loss")
 
-    def train_at(records, iteration):
-        record = last(records, "train", iteration=iteration)
-        return record and record["loss"]
+    def train_at(run, iteration):
+        return record_at(run.train, iteration).get("loss")
 
-    recovery = [(r["iteration"], r["loss"]) for r in tst if r.get("kind") == "train" and r["iteration"] > switch]
+    recovery = [r["loss"] for r in tst.train if r["iteration"] > switch]
     return {
         "switch_iteration": switch,
         "tst_eval_lm_loss_at_switch": eval_at(tst, switch), "baseline_eval_lm_loss_at_switch": eval_at(base, switch),
-        "tst_eval_mce_loss_at_switch": (last(tst, "eval", iteration=switch) or {}).get("eval_mce_loss"),
+        "tst_eval_mce_loss_at_switch": record_at(tst.evals, switch).get("eval_mce_loss"),
         "next_eval_iteration": after,
         "tst_eval_lm_loss_next": eval_at(tst, after), "baseline_eval_lm_loss_next": eval_at(base, after),
         "tst_train_mce_loss_last_superposition_step": train_at(tst, switch),
         "tst_train_lm_loss_first_recovery_step": train_at(tst, switch + 1),
         "baseline_train_lm_loss_same_step": train_at(base, switch + 1),
-        "tst_train_lm_loss_first_10_recovery_steps": [round(loss, 4) for _, loss in recovery[:10]],
+        "tst_train_lm_loss_first_10_recovery_steps": [round(loss, 4) for loss in recovery[:10]],
     }
-
-
-def eval_curves(records: list) -> list:
-    """[(iteration, eval_lm_loss)] of a run."""
-    return [(r["iteration"], r["eval_lm_loss"]) for r in records if r.get("kind") == "eval"]
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -285,33 +273,29 @@ def main(argv=None) -> int:
     walls = {name: train(name, argv_, args.out, args.steps, args.force) for name, argv_ in commands.items()}
     train_elapsed = time.time() - train_start  # (runs skipped now count with their recorded wall times)
 
-    paths = [os.path.join(args.out, f"{name}.jsonl") for name in commands]
-    labels = ["baseline", f"TST (s={args.bag_size}, r={args.ratio})"]
-    compare = subprocess.run([sys.executable, os.path.join(REPO, "tools", "compare_runs.py"), *paths,
-                              "--out", args.out, "--json", "--labels", *labels],
-                             check=True, capture_output=True, text=True)
-    report = json.loads(compare.stdout)
+    labels = {"baseline": "baseline", "tst": f"TST (s={args.bag_size}, r={args.ratio})"}
+    logs = {name: compare_runs.load_run(os.path.join(args.out, f"{name}.jsonl"), labels[name]) for name in commands}
+    report = compare_runs.build_report(list(logs.values()))
+    compare_runs.write_plots(list(logs.values()), args.out)
 
     data_stats = split_statistics(os.path.join(args.data_dir, "demo_text_document"), args.seq_length)
     per_epoch = data_stats["samples_per_epoch"]
-    records = {name: read_jsonl(path) for name, path in zip(commands, paths)}
     runs = {}
-    for (name, recs), label, run_report in zip(records.items(), labels, report["runs"]):
-        final_train = last(recs, "train", iteration=args.steps)
-        runs[name] = {"label": label, "final_eval_lm_loss": run_report["final_eval_lm_loss"],
+    for (name, log), run_report in zip(logs.items(), report["runs"]):
+        final_train = record_at(log.train, args.steps)
+        runs[name] = {"label": log.label, "final_eval_lm_loss": run_report["final_eval_lm_loss"],
                       "consumed_samples": final_train["consumed_samples"],
                       "consumed_tokens": final_train["consumed_tokens"],
                       "epochs": final_train["consumed_samples"] / per_epoch, "wall_s": walls[name],
                       "train_time_s": final_train["wall_time_s"], "flops": final_train["flops"],
-                      "eval_lm_loss_curve": eval_curves(recs),
+                      "eval_lm_loss_curve": log.eval_curve(),
                       "command": shlex.join(["python", *commands[name][1:]])}
-    header = next((r for r in records["tst"] if r.get("kind") == "run"), {})
-    switch = (header.get("tst") or {}).get("superposition_steps")  # the last superposition step
+    switch = ((logs["tst"].header or {}).get("tst") or {}).get("superposition_steps")  # the last superposition step
     summary = {
         "config": {k: v for k, v in vars(args).items() if k not in ("force", "dry_run", "publish")},
         "data": data_stats, "positions_per_step": args.global_batch * args.seq_length,
         "runs": runs, "comparison": report["comparisons"][0],
-        "switch": switch_details(records["tst"], records["baseline"], switch),
+        "switch": switch_details(logs["tst"], logs["baseline"], switch),
         "total_wall_s": sum(walls.values()) + time.time() - total_start - train_elapsed,
     }
     with open(os.path.join(args.out, "summary.json"), "w") as f:

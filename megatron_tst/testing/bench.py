@@ -71,14 +71,13 @@ def vocab_sizes(args):
 
 def reinitialize(args) -> None:
     """(Re-)initialise Megatron's parallel state, seeds and micro-batch calculator for `args`, through the
-    trainer's `initialize_distributed` (which also starts torch.distributed when it is not running)."""
-    from megatron.core import parallel_state
+    trainer's `initialize_distributed` (which also starts torch.distributed when it is not running, and
+    replaces a parallel state already set up)."""
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
     from megatron_tst.training.build import initialize_distributed
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    # Megatron-Core refuses to initialise the calculator twice; the parallel state needs no such help.
     destroy_num_microbatches_calculator()
     initialize_distributed(args)
 
@@ -198,7 +197,7 @@ def restore(chunks, states: List[dict]) -> None:
 
 
 def step_microbatches(args, *, kind: str, bag_size: int, vocab_size: int, seed: int, dp_rank: int, dp_size: int,
-                      num_microbatches: int, to_device: Optional[torch.device] = None) -> List[dict]:
+                      num_microbatches: int) -> List[dict]:
     """This data-parallel rank's micro-batches of one global batch of random tokens, in the trainer's format
     and Megatron-LM's order (micro-batch j of rank r holds rows j*mbs*dp + r*mbs + [0, mbs)).
 
@@ -223,7 +222,7 @@ def step_microbatches(args, *, kind: str, bag_size: int, vocab_size: int, seed: 
         else:
             batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
                      "position_ids": torch.arange(length).expand(mbs, length).contiguous()}
-        batches.append({k: v.to(to_device or device()) for k, v in batch.items()})
+        batches.append({k: v.to(device()) for k, v in batch.items()})
     return batches
 
 
@@ -261,13 +260,14 @@ def variant_specs(bag_sizes: Sequence[int]) -> List[tuple]:
 def build_variants(args, bag_sizes: Sequence[int], seed: int = 0) -> List[Variant]:
     """All variants, same initial weights, each with its own optimizer and LR schedule."""
     from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
 
     from megatron_tst.training import build
 
     vocab, padded = vocab_sizes(args)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    num_microbatches = args.global_batch_size // (args.micro_batch_size * dp_size)
+    num_microbatches = get_num_microbatches()  # set for args.global_batch_size by `reinitialize`
     variants = []
     for name, kind, s in variant_specs(bag_sizes):
         chunks, vargs = build_chunks(args, kind, s, padded)
@@ -328,6 +328,7 @@ def summarize(args, variants: List[Variant], times: Dict[str, List[float]],
               peak_tflops: Optional[float] = None) -> dict:
     """Everything the scripts print: per variant ms/step, raw tokens/s, positions/s, TFLOP/s/GPU, MFU, losses."""
     from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
 
     from megatron_tst.flops import training_flops_per_step
     from megatron_tst.model import transformer_engine_available
@@ -350,9 +351,7 @@ def summarize(args, variants: List[Variant], times: Dict[str, List[float]],
         "shape": {"layers": args.num_layers, "hidden": args.hidden_size, "heads": args.num_attention_heads,
                   "query_groups": args.num_query_groups, "ffn": args.ffn_hidden_size, "vocab": vocab,
                   "padded_vocab": padded, "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
-                  "global_batch_size": args.global_batch_size,
-                  "num_microbatches": args.global_batch_size // (args.micro_batch_size *
-                                                                  parallel_state.get_data_parallel_world_size())},
+                  "global_batch_size": args.global_batch_size, "num_microbatches": get_num_microbatches()},
         "config_overrides": kernel_overrides(),
         "flops_per_step": flops, "peak_tflops_per_gpu": peak, "weights_identical_at_start": True,
         "variants": {},
@@ -415,11 +414,7 @@ def standard_checks(summary: dict, same_loss_rtol: float) -> List[Check]:
     log_v = math.log(summary["shape"]["padded_vocab"])
     variants = summary["variants"]
     for name, r in variants.items():
-        finite = all(math.isfinite(x) for x in r["losses"] + r["grad_norms"])
-        checks.append(Check(f"{name}: losses and gradient norms finite, no skipped step",
-                            finite and r["skipped"] == 0 and bool(r["losses"]),
-                            f"losses {_fmt(r['losses'])}, grad norms {_fmt(r['grad_norms'])}, "
-                            f"skipped {r['skipped']}"))
+        checks.append(finite_check(name, r))
         first = r["losses"][0] if r["losses"] else float("nan")
         checks.append(Check(f"{name}: first-step loss within 1 nat of ln(padded vocab) = {log_v:.3f}",
                             abs(first - log_v) <= 1.0, f"{first:.4f}"))
@@ -429,6 +424,15 @@ def standard_checks(summary: dict, same_loss_rtol: float) -> List[Check]:
         checks.append(Check(f"recovery first-step loss = stock's (rel <= {same_loss_rtol:g})",
                             rel <= same_loss_rtol, f"{a:.6f} vs {b:.6f}, rel {rel:.2e}"))
     return checks
+
+
+def finite_check(name: str, variant: dict) -> Check:
+    """Every loss and gradient norm of the variant (`summarize`'s entry `name`) finite, no skipped step."""
+    finite = all(math.isfinite(x) for x in variant["losses"] + variant["grad_norms"])
+    return Check(f"{name}: losses and gradient norms finite, no skipped step",
+                 finite and variant["skipped"] == 0 and bool(variant["losses"]),
+                 f"losses {_fmt(variant['losses'])}, grad norms {_fmt(variant['grad_norms'])}, "
+                 f"skipped {variant['skipped']}")
 
 
 def _fmt(values: Sequence[float], limit: int = 4) -> str:
@@ -497,6 +501,24 @@ def gpu_overrides(cli, world_size: int) -> tuple:
     if cli.hidden is not None and cli.ffn is None:
         overrides["ffn-hidden-size"] = None  # derived from the hidden size (SwiGLU rule), not the recipe's
     return overrides, cli.vocab or recipe.vocab_size
+
+
+def measure_for_script(cli, script: str) -> tuple:
+    """The GPU scripts' common run: the layout of `gpu_overrides` over torchrun's world, `measure`, and on
+    rank 0 the description and table. Returns (summary, overrides, vocabulary, world size)."""
+    quiet_known_warnings()
+    warn_without_te(script)
+    world = world_size_from_env()
+    overrides, vocab = gpu_overrides(cli, world)
+    args = trainer_args(cli.recipe, overrides, vocab, world)
+    reinitialize(args)
+    summary = measure(args, bag_sizes=cli.bag_sizes, warmup=cli.warmup, reps=cli.steps,
+                      peak_tflops=cli.peak_tflops)
+    if is_rank0():
+        print(describe(summary))
+        print(f"# {cli.warmup} warmup + {cli.steps} timed rounds; medians\n")
+        print(format_gpu_table(summary) + "\n", flush=True)
+    return summary, overrides, vocab, world
 
 
 def run_device_script(run, cli, script: str) -> int:

@@ -28,7 +28,7 @@ class DistributedFailure(RuntimeError):
 
 def init_worker(rank: int, world_size: int, port: int, layout: Layout, seed: int = 1234,
                 num_threads: Optional[int] = None) -> None:
-    """Initialise torch.distributed + megatron parallel state in this process (CPU or GPU)."""
+    """Initialise torch.distributed (gloo) + megatron parallel state in this process."""
     import torch
     import torch.distributed as dist
 
@@ -38,9 +38,12 @@ def init_worker(rank: int, world_size: int, port: int, layout: Layout, seed: int
     # (e.g. a trainer launched by a test) must not mistake this process's group for theirs.
     if num_threads:
         torch.set_num_threads(num_threads)
-    on_cpu = cpu.enable()
+    cpu.enable()
+    # Always gloo, even where CUDA exists: these are CPU test and benchmark helpers (global_view gathers
+    # into CPU buffers, which NCCL refuses), and every rank would share one GPU anyway. GPU runs go
+    # through the trainer's `build.initialize_distributed`, which sets each rank's device for NCCL.
     dist.init_process_group(
-        backend="gloo" if on_cpu else "nccl",
+        backend="gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,

@@ -15,19 +15,9 @@ from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
 from megatron.core.utils import unwrap_model
-
-
-def _leaves(tree) -> Iterator:
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _leaves(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from _leaves(value)
-    else:
-        yield tree
 
 
 def _entries(model_chunks) -> Iterator[Tuple[torch.nn.Parameter, Callable[[torch.Tensor], List[ShardedTensor]]]]:
@@ -35,24 +25,15 @@ def _entries(model_chunks) -> Iterator[Tuple[torch.nn.Parameter, Callable[[torch
     metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     for chunk in model_chunks:
         sharded = unwrap_model(chunk).sharded_state_dict(metadata=metadata)
-        for item in _leaves(sharded):
+        for item in nested_values(sharded):
             if isinstance(item, ShardedTensorFactory) and isinstance(item.data, torch.nn.Parameter):
+                # In a list: a build_fn may return one bare ShardedTensor (e.g. the non-GLU expert weights).
                 yield item.data, (lambda t, f=item: [
-                    st for st in _leaves(f.build_fn(f.key, t, f.replica_id, None)) if isinstance(st, ShardedTensor)
+                    st for st in nested_values([f.build_fn(f.key, t, f.replica_id, None)])
+                    if isinstance(st, ShardedTensor)
                 ])
             elif isinstance(item, ShardedTensor) and isinstance(item.data, torch.nn.Parameter):
                 yield item.data, (lambda t, st=item: [dataclasses.replace(st, data=t)])
-
-
-def _region(st: ShardedTensor) -> Tuple:
-    """Index of the shard in its global tensor (prepended axes are single indices)."""
-    index = []
-    for axis, offset in enumerate(st.global_offset):
-        if axis < st.prepend_axis_num:
-            index.append(offset)
-        else:
-            index.append(slice(offset, offset + st.data.shape[axis - st.prepend_axis_num]))
-    return tuple(index)
 
 
 def gather_global(model_chunks: Sequence[torch.nn.Module],
@@ -69,7 +50,7 @@ def gather_global(model_chunks: Sequence[torch.nn.Module],
         for st in shards_of(value):
             full = partial.setdefault(st.key, torch.zeros(st.global_shape, dtype=torch.float64))
             if is_main_replica(st.replica_id):
-                full[_region(st)] += st.data.detach().double()
+                full[st.global_slice()] += st.data.detach().double()
     keys = sorted(partial)
     if dist.is_initialized() and dist.get_world_size() > 1:
         # Keys present on some ranks only (other pipeline stages) must be summed too: agree on the union.
@@ -94,4 +75,4 @@ def load_global(model_chunks: Sequence[torch.nn.Module], global_tensors: Dict[st
                 source = global_tensors[st.key]
                 if tuple(source.shape) != tuple(st.global_shape):
                     raise ValueError(f"{st.key}: global shape {tuple(source.shape)} != {tuple(st.global_shape)}")
-                st.data.copy_(source[_region(st)].to(st.data.dtype))
+                st.data.copy_(source[st.global_slice()].to(st.data.dtype))
