@@ -125,18 +125,22 @@ def count_parameters(
     return result
 
 
-def count_parameters_from_args(args, padded_vocab_size: int) -> Dict[str, int]:
-    """`count_parameters` for parsed trainer arguments (megatron_tst.training.arguments.parse_args)."""
-    from megatron_tst.training.arguments import model_shape_from_args
-
-    return count_parameters(
-        model_shape_from_args(args, padded_vocab_size),
+def architecture_options(args) -> Dict[str, object]:
+    """The keyword arguments of `count_parameters` / `rank_parameters` that parsed trainer arguments set."""
+    return dict(
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         qk_layernorm=args.qk_layernorm, normalization=args.normalization,
         add_bias_linear=not args.disable_bias_linear, add_qkv_bias=args.add_qkv_bias,
         learned_position_embeddings=(args.max_position_embeddings
                                      if args.position_embedding_type == "learned_absolute" else 0),
     )
+
+
+def count_parameters_from_args(args, padded_vocab_size: int) -> Dict[str, int]:
+    """`count_parameters` for parsed trainer arguments (megatron_tst.training.arguments.parse_args)."""
+    from megatron_tst.training.arguments import model_shape_from_args
+
+    return count_parameters(model_shape_from_args(args, padded_vocab_size), **architecture_options(args))
 
 
 def rank_parameters(

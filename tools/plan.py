@@ -196,7 +196,7 @@ def activation_bytes_per_position(args, shape, layer_is_moe: bool) -> Dict[str, 
 
 
 def memory_per_gpu(args, shape, padded_vocab: int, superposition: bool = True) -> Dict[str, object]:
-    from megatron_tst.params import rank_parameters
+    from megatron_tst.params import architecture_options, rank_parameters
 
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     ep = args.expert_model_parallel_size
@@ -219,13 +219,7 @@ def memory_per_gpu(args, shape, padded_vocab: int, superposition: bool = True) -
 
     stages = []
     for stage in range(pp):
-        counts = rank_parameters(
-            shape, tp=tp, pp=pp, ep=ep, etp=etp, pp_rank=stage,
-            untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
-            qk_layernorm=args.qk_layernorm, normalization=args.normalization,
-            add_bias_linear=not args.disable_bias_linear, add_qkv_bias=args.add_qkv_bias,
-            learned_position_embeddings=(args.max_position_embeddings
-                                         if args.position_embedding_type == "learned_absolute" else 0))
+        counts = rank_parameters(shape, tp=tp, pp=pp, ep=ep, etp=etp, pp_rank=stage, **architecture_options(args))
         params_on_rank = counts["dense"] + counts["expert"]
         weights = weight_bytes * params_on_rank
         grads = grad_bytes * params_on_rank

@@ -529,19 +529,9 @@ def _validate_data_args(args) -> None:
 
 def data_prefixes(paths: Optional[Sequence[str]]) -> List[str]:
     """The dataset prefixes of a Megatron --data-path value ('PREFIX ...' or 'W1 PREFIX1 W2 PREFIX2 ...')."""
-    if not paths:
-        return []
-    if len(paths) > 1 and len(paths) % 2 == 0 and _is_number(paths[0]):
-        return list(paths[1::2])
-    return list(paths)
+    from megatron.core.datasets.utils import get_blend_from_list
 
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    return get_blend_from_list(list(paths))[0] if paths else []
 
 
 def _validate_tst_args(args) -> None:

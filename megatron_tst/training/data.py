@@ -75,13 +75,10 @@ def validate_data_files(prefixes: List[str], vocab_size: int, max_tokens_checked
 
 
 def _blend(paths):
-    from megatron_tst.training.arguments import data_prefixes
+    """Megatron's (prefixes, weights or None) of a --*data-path value; None when not given."""
+    from megatron.core.datasets.utils import get_blend_from_list
 
-    if not paths:
-        return None
-    prefixes = data_prefixes(paths)
-    weights = [float(w) for w in paths[0::2]] if len(prefixes) != len(paths) else None
-    return prefixes, weights
+    return get_blend_from_list(list(paths)) if paths else None
 
 
 def build_datasets(args, tokenizer, sizes: List[int], is_built_on_rank):
