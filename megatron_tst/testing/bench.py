@@ -117,26 +117,6 @@ def quiet_known_warnings() -> None:
 # ---------------------------------------------------------------------------------------------------- models
 
 
-def kernel_overrides() -> dict:
-    """TransformerConfig fields the trainer's config sets that this machine cannot run.
-
-    `transformer_config_from_args` turns on `masked_softmax_fusion` on every GPU; the local spec's
-    FusedScaleMaskSoftmax then imports `scaled_masked_softmax_cuda` (from apex or Megatron's fused kernels)
-    for bf16 shapes it deems fusable, and fails where neither is installed. Transformer Engine's attention
-    does not use it, so switching it off changes nothing on a TE run. The bias-activation and bias-dropout
-    fusions are `torch.compile`d (megatron.core.jit), which needs a C compiler for Triton's launcher.
-    """
-    import importlib.util
-    import shutil
-
-    out = {}
-    if torch.cuda.is_available() and importlib.util.find_spec("scaled_masked_softmax_cuda") is None:
-        out["masked_softmax_fusion"] = False
-    if torch.cuda.is_available() and not (shutil.which("cc") or shutil.which("gcc")):
-        out.update(bias_activation_fusion=False, bias_dropout_fusion=False)
-    return out
-
-
 def _innermost(module):
     while hasattr(module, "module"):
         module = module.module
@@ -154,7 +134,7 @@ def build_chunks(args, kind: str, bag_size: int, padded_vocab: int):
     if kind == SUPERPOSITION:
         vargs.tst = dataclasses.replace(args.tst, bag_size=bag_size)
     # One config per variant: the schedule hooks live on it.
-    config = arguments.transformer_config_from_args(vargs, **kernel_overrides())
+    config = arguments.transformer_config_from_args(vargs)
     options = arguments.model_options_from_args(vargs, padded_vocab)
     build.set_random_seed(args.seed)
     if kind == STOCK:
@@ -352,7 +332,6 @@ def summarize(args, variants: List[Variant], times: Dict[str, List[float]],
                   "query_groups": args.num_query_groups, "ffn": args.ffn_hidden_size, "vocab": vocab,
                   "padded_vocab": padded, "seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
                   "global_batch_size": args.global_batch_size, "num_microbatches": get_num_microbatches()},
-        "config_overrides": kernel_overrides(),
         "flops_per_step": flops, "peak_tflops_per_gpu": peak, "weights_identical_at_start": True,
         "variants": {},
     }
@@ -571,9 +550,6 @@ def warn_without_te(script: str) -> None:
         print(f"{script}: warning: transformer_engine does not import: using Megatron-Core's local layer spec "
               f"(unfused attention: slower than a TE run, micro-batch {LOCAL_SPEC_GPU_MICRO_BATCH} unless "
               "--micro-batch is given; no context-parallel check)", flush=True)
-    if kernel_overrides() and os.environ.get("RANK", "0") == "0":
-        print(f"{script}: note: kernels the trainer's config asks for that cannot run here: TransformerConfig "
-              f"overrides {kernel_overrides()}", flush=True)
 
 
 def world_size_from_env() -> int:

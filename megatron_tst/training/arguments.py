@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 from typing import List, Optional, Sequence
 
 import torch
@@ -564,6 +565,7 @@ def transformer_config_from_args(args, **overrides):
     from megatron_tst.platform import cpu
 
     on_gpu = torch.cuda.is_available()
+    compiler = bool(shutil.which("cc") or shutil.which("gcc"))
     moe = {}
     if args.num_experts:
         moe = dict(
@@ -600,10 +602,11 @@ def transformer_config_from_args(args, **overrides):
         recompute_num_layers=args.recompute_num_layers, calculate_per_token_loss=args.calculate_per_token_loss,
         deallocate_pipeline_outputs=True,
         # Kernel choices (the fusion flags are ignored): what runs where it can run.
-        # (the fused softmax is a compiled extension: without it megatron's local attention would fail to import it)
+        # (the fused softmax is a compiled extension: without it megatron's local attention would fail to import
+        # it; the bias fusions are torch.compile'd (megatron.core.jit), whose Triton launcher needs a C compiler)
         masked_softmax_fusion=on_gpu and _importable("scaled_masked_softmax_cuda"),
-        bias_activation_fusion=on_gpu and (args.swiglu or not args.disable_bias_linear),
-        bias_dropout_fusion=on_gpu, apply_rope_fusion=False, persist_layer_norm=False,
+        bias_activation_fusion=on_gpu and compiler and (args.swiglu or not args.disable_bias_linear),
+        bias_dropout_fusion=on_gpu and compiler, apply_rope_fusion=False, persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         **moe,
     )
