@@ -16,7 +16,8 @@
 #   TOKENIZER_MODEL  --tokenizer-model (with --tokenizer-type $TOKENIZER_TYPE [HuggingFaceTokenizer]) if set
 #   CKPT_DIR         --save and --load (same dir: automatic resume)  [$PWD/checkpoints/$RECIPE]
 #   SAVE_INTERVAL    --save-interval                           [1000]
-#   TP PP EP CP      tensor / pipeline / expert / context parallel sizes (flag passed only when set)
+#   TP PP EP CP      tensor / pipeline / expert / context parallel sizes (flag passed only when set; every
+#                    recipe turns on sequence parallelism, which applies when TP > 1)
 #   MICRO_BATCH_SIZE GLOBAL_BATCH_SIZE TRAIN_ITERS SEQ_LENGTH LR   overrides of the recipe (only when set)
 #   TST_BAG_SIZE TST_SUPERPOSITION_RATIO   --tst-bag-size / --tst-superposition-ratio (only when set)
 #   LOG_INTERVAL [10]  TENSORBOARD_DIR [$CKPT_DIR/tensorboard]  WANDB_PROJECT WANDB_EXP_NAME (when set)
@@ -120,7 +121,6 @@ tst_build_args() {
     _tst_opt PARALLEL_ARGS --pipeline-model-parallel-size "${PP:-}"
     _tst_opt PARALLEL_ARGS --expert-model-parallel-size "${EP:-}"
     _tst_opt PARALLEL_ARGS --context-parallel-size "${CP:-}"
-    if [[ ${TP:-1} -gt 1 ]]; then PARALLEL_ARGS+=(--sequence-parallel); fi
 
     TRAINING_ARGS=()
     _tst_opt TRAINING_ARGS --micro-batch-size "${MICRO_BATCH_SIZE:-}"
@@ -290,14 +290,15 @@ tst_slurm_run() {
     tst_log "training step exited with status $rc${_TST_SIGNALLED:+ (after SIG$_TST_SIGNALLED)}"
 
     if [[ -f $TST_EXIT_MARKER ]]; then
-        local at state
+        local at state="" try
         at=$(head -c 64 "$TST_EXIT_MARKER" | tr -d '\n')
         rm -f "$TST_EXIT_MARKER"
-        local try
         for try in 1 2 3; do
-            state=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p')
-            [[ -n $state ]] && break
-            sleep "$try"
+            # `|| state=""`: under set -e a failed scontrol (slurmctld busy) would end the script, not retry
+            state=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p') \
+                || state=""
+            if [[ -n $state ]]; then break; fi
+            if ((try < 3)); then sleep "$try"; fi
         done
         if [[ $state != RUNNING ]]; then
             # A plain `scancel` (SIGTERM) also makes the trainer save, and SLURM would still accept a requeue

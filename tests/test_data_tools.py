@@ -124,7 +124,9 @@ def test_sentencepiece_tokenizer(tmp_path):
         ids = tokenizer.tokenize(text)
         assert ids == reference.encode(text)
         assert tokenizer.detokenize(ids) == text
-    json.dumps(tokenizer.unique_identifiers)
+    identity = json.loads(json.dumps(tokenizer.unique_identifiers))  # part of the dataset cache hash: JSON
+    assert (identity["tokenizer_type"], identity["tokenizer_model"], identity["vocab_size"]) == (
+        "SentencePieceTokenizer", os.path.abspath(model), reference.get_piece_size())
 
 
 def test_null_tokenizer_matches_megatron_lm_0_19():

@@ -43,7 +43,19 @@ def _slurm_up():
     return check.returncode == 0
 
 
-@pytest.mark.skipif(not _slurm_up(), reason="no local SLURM cluster: run tests/slurm/setup_local_slurm.sh (root)")
+def _slurm_e2e_missing():
+    """Why the SLURM end-to-end test cannot run here, '' when it can."""
+    if os.geteuid() != 0:  # run_slurm_e2e.sh (re)runs the cluster setup, which needs root
+        return "not root: tests/slurm/run_slurm_e2e.sh must run as root"
+    if not _slurm_up():
+        return "no local SLURM cluster: run tests/slurm/setup_local_slurm.sh (root)"
+    return ""
+
+
+SLURM_E2E_MISSING = _slurm_e2e_missing()
+
+
+@pytest.mark.skipif(bool(SLURM_E2E_MISSING), reason=SLURM_E2E_MISSING)
 def test_real_trainer_under_slurm_completes_preempts_requeues_and_resumes(tmp_path):
     env = {**os.environ, "TRAINER": "python -m megatron_tst.pretrain", "E2E_RECIPE": "270m", "E2E_EXTRA_ARGS": TINY,
            "E2E_ITERS_COMPLETE": "10", "E2E_ITERS_PREEMPT": "600", "E2E_PREEMPT_AFTER_ITER": "100",

@@ -89,8 +89,10 @@ def test_bad_layouts_are_clear_errors(megatron_single_process):
 
 
 def _stream(batch, length, seed=0):
-    """A raw stream [b, length + 1]; Megatron's sample fields are tokens = x[:, :-1], labels = x[:, 1:]."""
-    return torch.randint(1000, 10_000, (batch, length + 1), generator=torch.Generator().manual_seed(seed))
+    """A raw stream [b, length + 1] of distinct tokens (so a token names its position); Megatron's sample
+    fields are tokens = x[:, :-1], labels = x[:, 1:]."""
+    perm = torch.randperm(9000, generator=torch.Generator().manual_seed(seed))
+    return 1000 + perm[:batch * (length + 1)].view(batch, length + 1)
 
 
 @pytest.mark.parametrize("bag", [1, 2, 4, 6])
@@ -99,16 +101,17 @@ def test_targets_are_the_next_bag_and_never_the_own_bag(bag):
     tokens, labels = stream[:, :-1], stream[:, 1:]
     targets, valid = build_bag_targets(labels, torch.ones_like(labels), bag)
     assert targets.shape == valid.shape == (2, 5, bag)
+    bags = split_into_bags(tokens, bag)
     for b in range(2):
         for i in range(5):
-            own = set(range(i * bag, i * bag + bag))  # stream positions of bag i
             for j in range(bag):
                 pos = (i + 1) * bag + j  # stream position of target j
                 if pos <= 5 * bag:  # the stream holds one token past the sample
                     assert valid[b, i, j] and targets[b, i, j] == stream[b, pos]
-                    assert pos not in own
                 else:
                     assert not valid[b, i, j] and targets[b, i, j] == -100
+            # the builder's targets of bag i never contain one of bag i's own (distinct) tokens
+            assert set(targets[b, i][valid[b, i]].tolist()).isdisjoint(bags[b, i].tolist())
     # the last position has exactly one real target: the token after the sample
     assert valid[:, -1].sum(-1).tolist() == [1, 1]
     assert torch.equal(targets[:, -1, 0], stream[:, -1])

@@ -96,12 +96,28 @@ dump_job() {   # on failure: show what happened
     tail -n 20 "${2%.out}.err" 2>/dev/null | sed 's/^/    /'
 }
 
-# submit NAME CKPT_DIR TRAIN_ITERS -> prints the job id
+# submit NAME CKPT_DIR TRAIN_ITERS [SBATCH_ARG...] -> prints the job id; the extra sbatch arguments come last,
+# so they override the defaults here (e.g. --time)
 submit() {
-    CKPT_DIR=$2 TRAIN_ITERS=$3 timeout 30 sbatch --parsable \
-        --job-name="$1" --nodes="$NODES" --gpus-per-node=0 --time=00:20:00 \
+    local name=$1 ckpt=$2 iters=$3
+    shift 3
+    CKPT_DIR=$ckpt TRAIN_ITERS=$iters timeout 30 sbatch --parsable \
+        --job-name="$name" --nodes="$NODES" --gpus-per-node=0 --time=00:20:00 \
         --chdir="$WORK" --output="$WORK/logs/%x-%j.out" --error="$WORK/logs/%x-%j.err" \
-        "$ROOT/launch/train_dense.sbatch"
+        "$@" "$ROOT/launch/train_dense.sbatch"
+}
+
+# start_job WHAT NAME CKPT_DIR TRAIN_ITERS [SBATCH_ARG...]: submit; set JOB and LOG, or count a FAIL and return 1
+start_job() {
+    local what=$1
+    shift
+    JOB="" LOG=""
+    if ! JOB=$(submit "$@") || [[ -z $JOB ]]; then
+        fail "sbatch ($what)"
+        return 1
+    fi
+    LOG="$WORK/logs/$1-$JOB.out"
+    say "job $JOB, log $LOG"
 }
 
 # ------------------------------------------------------------------------------------------ cluster
@@ -145,11 +161,8 @@ if want complete; then
     say "== 1. complete run: $ITERS_COMPLETE iterations"
     t0=$SECONDS
     CKPT1="$WORK/ckpt-complete"
-    if ! JOB1=$(submit e2e-complete "$CKPT1" "$ITERS_COMPLETE") || [[ -z $JOB1 ]]; then
-        fail "sbatch (complete run)"
-    else
-        LOG1="$WORK/logs/e2e-complete-$JOB1.out"
-        say "job $JOB1, log $LOG1"
+    if start_job "complete run" e2e-complete "$CKPT1" "$ITERS_COMPLETE"; then
+        JOB1=$JOB LOG1=$LOG
         wait_until "$JOB_TIMEOUT" "job $JOB1 to finish" job_finished "$JOB1"
         T_JOB1=$((SECONDS - t0))
         state=$(job_field "$JOB1" JobState)
@@ -173,11 +186,8 @@ if want preempt; then
     fails_before=$FAILS
     t0=$SECONDS
     CKPT2="$WORK/ckpt-preempt"
-    if ! JOB2=$(submit e2e-preempt "$CKPT2" "$ITERS_PREEMPT") || [[ -z $JOB2 ]]; then
-        fail "sbatch (preempted run)"
-    else
-        LOG2="$WORK/logs/e2e-preempt-$JOB2.out"
-        say "job $JOB2, log $LOG2"
+    if start_job "preempted run" e2e-preempt "$CKPT2" "$ITERS_PREEMPT"; then
+        JOB2=$JOB LOG2=$LOG
         if wait_until "$JOB_TIMEOUT" "job $JOB2 to reach iteration $PREEMPT_AFTER_ITER" \
             job_running_since_iter "$LOG2" "$PREEMPT_AFTER_ITER"; then
             T_SIGNAL=$SECONDS
@@ -226,11 +236,8 @@ if want cancel; then
     fails_before=$FAILS
     t0=$SECONDS
     CKPT3="$WORK/ckpt-cancel"
-    if ! JOB3=$(submit e2e-cancel "$CKPT3" "$ITERS_PREEMPT") || [[ -z $JOB3 ]]; then
-        fail "sbatch (cancelled run)"
-    else
-        LOG3="$WORK/logs/e2e-cancel-$JOB3.out"
-        say "job $JOB3, log $LOG3"
+    if start_job "cancelled run" e2e-cancel "$CKPT3" "$ITERS_PREEMPT"; then
+        JOB3=$JOB LOG3=$LOG
         if wait_until "$JOB_TIMEOUT" "job $JOB3 to reach iteration 5" job_running_since_iter "$LOG3" 5; then
             check "cancel: scancel accepted" timeout 10 scancel "$JOB3"
             wait_until 90 "job $JOB3 to finish" job_finished "$JOB3"
@@ -256,14 +263,9 @@ if want timelimit; then
     t0=$SECONDS
     CKPT4="$WORK/ckpt-timelimit"
     ITERS_TL=${E2E_ITERS_TIME_LIMIT:-700}
-    if ! JOB4=$(CKPT_DIR=$CKPT4 TRAIN_ITERS=$ITERS_TL SAVE_INTERVAL=100 LOG_INTERVAL=10 timeout 30 sbatch --parsable \
-        --job-name=e2e-timelimit --nodes="$NODES" --gpus-per-node=0 --time=00:03:00 \
-        --chdir="$WORK" --output="$WORK/logs/%x-%j.out" --error="$WORK/logs/%x-%j.err" \
-        "$ROOT/launch/train_dense.sbatch") || [[ -z $JOB4 ]]; then
-        fail "sbatch (time-limit run)"
-    else
-        LOG4="$WORK/logs/e2e-timelimit-$JOB4.out"
-        say "job $JOB4, log $LOG4"
+    # (the job environment is this shell's, --export=ALL: the prefix assignments reach sbatch through start_job)
+    if SAVE_INTERVAL=100 LOG_INTERVAL=10 start_job "time-limit run" e2e-timelimit "$CKPT4" "$ITERS_TL" --time=00:03:00; then
+        JOB4=$JOB LOG4=$LOG
         wait_until 900 "job $JOB4 to finish" job_finished "$JOB4"
         check "time limit: job state COMPLETED (got $(job_field "$JOB4" JobState))" \
             test "$(job_field "$JOB4" JobState)" = COMPLETED
