@@ -8,6 +8,7 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_tst.model import GPTModelOptions, TSTGPTModel, build_gpt_model, layer_spec
 from megatron_tst.superposition import TARGETS_KEY
+from megatron_tst.testing.distributed import Layout, run_distributed
 from parallel_harness import IGNORE, L, MBS, S, V, Case, make_microbatches, model_options, transformer_config, tst_config
 
 
@@ -129,35 +130,54 @@ def test_context_parallel_without_te_is_refused_at_build_even_for_baselines(mega
         build_gpt_model(config, GPTModelOptions(vocab_size=V, max_sequence_length=L), None)
 
 
-@pytest.mark.parametrize("cp", [2, 4])
-def test_context_parallel_slicing_keeps_whole_bags_and_their_targets(cp):
-    """Megatron's CP split of a superposition batch: each rank gets whole bags with their own targets."""
-    import megatron.core.utils as mcore_utils
+# A probe field: get_batch_on_this_cp_rank slices every tensor of the batch along the sequence, so its values
+# name the positions a rank really received.
+_PROBE = "probe_positions"
+CP_SIZES = (4, 2)
 
+
+def cp_slicing_worker(batch, cp_sizes):
+    """For each CP size: the trainer's own get_batch on this rank (CP group and rank from parallel_state)."""
+    from megatron.core import parallel_state
+
+    from megatron_tst.forward_step import get_batch
+    from megatron_tst.testing.distributed import relayout
+
+    out = {}
+    for cp in cp_sizes:
+        relayout(Layout(cp=cp))
+        local = get_batch(iter([dict(batch)]))
+        out[cp] = (parallel_state.get_context_parallel_rank(), parallel_state.get_data_parallel_rank(),
+                   {key: value.cpu() for key, value in local.items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def cp_slices():
+    """One spawn of 4 ranks for both CP sizes (CP=2 there has 2 data-parallel replicas)."""
     batch = make_microbatches(True)[0]
+    batch[_PROBE] = torch.arange(L).expand(MBS, L).contiguous()
+    world = max(CP_SIZES)
+    return batch, run_distributed(cp_slicing_worker, world_size=world, layout=Layout(cp=world), args=(batch, CP_SIZES))
+
+
+@pytest.mark.parametrize("cp", CP_SIZES)
+def test_context_parallel_slicing_keeps_whole_bags_and_their_targets(cp_slices, cp):
+    """Megatron's CP split of a superposition batch: each rank gets whole bags with their own targets."""
+    batch, results = cp_slices
     tokens_bls = batch["tokens"].view(MBS, L, S)
+    chunk = L // (2 * cp)
     seen = []
-    for rank in range(cp):
-        group = _FakeGroup(rank, cp)
-        local = mcore_utils.get_batch_on_this_cp_rank(dict(batch), cp_group=group)
-        chunk = L // (2 * cp)
-        expected_positions = list(range(rank * chunk, (rank + 1) * chunk)) + list(
-            range((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk))
+    for per_cp in results:
+        cp_rank, dp_rank, local = per_cp[cp]
+        expected_positions = list(range(cp_rank * chunk, (cp_rank + 1) * chunk)) + list(
+            range((2 * cp - 1 - cp_rank) * chunk, (2 * cp - cp_rank) * chunk))
+        got = local[_PROBE]
+        assert torch.equal(got, got[:1].expand_as(got))  # every row the same positions
+        assert got[0].tolist() == expected_positions
         assert torch.equal(local["tokens"].view(MBS, -1, S), tokens_bls[:, expected_positions])
         assert torch.equal(local[TARGETS_KEY], batch[TARGETS_KEY][:, expected_positions])
         assert torch.equal(local["loss_mask"], batch["loss_mask"][:, expected_positions])
-        seen += expected_positions
-    assert sorted(seen) == list(range(L))
-
-
-class _FakeGroup:
-    """Only rank/size are read by the slicing (megatron.core.utils.get_pg_rank/get_pg_size)."""
-
-    def __init__(self, rank, size):
-        self._rank, self._size = rank, size
-
-    def rank(self):
-        return self._rank
-
-    def size(self):
-        return self._size
+        if dp_rank == 0:
+            seen += got[0].tolist()
+    assert sorted(seen) == list(range(L))  # one CP group together holds every position once
