@@ -19,8 +19,9 @@ from typing import Iterator, Optional
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.utils import get_attr_wrapped_model, get_batch_on_this_cp_rank
+from megatron.core.utils import get_attr_wrapped_model
 
+from megatron_tst.platform.mcore_compat import batch_on_this_cp_rank
 from megatron_tst.superposition import TARGETS_KEY
 
 LM_LOSS = "lm loss"
@@ -41,7 +42,7 @@ def get_batch(data_iterator: Optional[Iterator[dict]], vp_stage: Optional[int] =
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     batch = {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
              for key, value in next(data_iterator).items()}
-    return get_batch_on_this_cp_rank(batch)
+    return batch_on_this_cp_rank(batch, parallel_state.get_context_parallel_group())
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, *, loss_name: str = LM_LOSS):

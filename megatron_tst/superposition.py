@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
+from megatron_tst.platform import mcore_compat
+
 
 def check_bag_layout(
     num_positions: int,
@@ -97,8 +99,7 @@ def superposed_embedding(
         token's embedding replaced by its bag's mean.
     """
     config = embedding.config
-    if getattr(embedding, "tokentype_embeddings", None) is not None:
-        raise ValueError("token-type embeddings are not supported with token superposition")
+    mcore_compat.check_embedding_mirrored(embedding)
     bags_bls = split_into_bags(tokens_bt, bag_size)
     batch, num_positions, _ = bags_bls.shape
     words = embedding.word_embeddings

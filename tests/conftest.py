@@ -19,10 +19,24 @@ def megatron_single_process():
 
 
 @pytest.fixture(autouse=True)
-def fresh_moe_loss_tracker():
-    """megatron-core keeps MoE router losses in a process-global tracker sized for one model's layers (one model
-    per process in a training run); tests build many models in one process, so each starts with it empty."""
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+def fresh_megatron_globals():
+    """Each test starts without the process-global Megatron state an earlier in-process test may have left.
 
-    get_moe_layer_wise_logging_tracker().clear()
+    megatron-core keeps, per process (one model per process in a training run): the MoE router-loss tracker
+    (sized for one model's layers), the MoE aux-loss backward scale (a tensor whose shape its first setter
+    fixes; a later `set_loss_scale` copies into it), and the micro-batch calculator. Parallel state is
+    owned by the `megatron_single_process` fixture, which re-initialises it.
+    """
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_tst.platform.mcore_compat import reset_moe_metrics_tracker
+
+    def reset():
+        reset_moe_metrics_tracker()
+        moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None
+        destroy_num_microbatches_calculator()
+
+    reset()
     yield
+    reset()

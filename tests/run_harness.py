@@ -10,21 +10,15 @@ import os
 import torch
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_FIXTURE_DIRS = [os.environ.get("MEGATRON_TST_FIXTURES", ""),
-                 os.path.join(_ROOT, "..", "shared", "fixtures", "megatron_lm"),
-                 os.path.join(_ROOT, "shared", "fixtures", "megatron_lm")]
+# Checkpoints written by Megatron-LM 0.19.2 itself (tests/fixtures/megatron_lm/README.md), kept in the repository.
+FIXTURES_DIR = os.path.join(_ROOT, "tests", "fixtures", "megatron_lm")
 
 
 def fixtures_dir():
-    """Where the Megatron-LM checkpoints of the shared fixtures are ($MEGATRON_TST_FIXTURES, ../shared or
-    ./shared beside the checkout); skips the calling test when there are none."""
-    import pytest
-
-    for directory in _FIXTURE_DIRS:
-        if directory and os.path.isfile(os.path.join(directory, "megatron_lm_gpt_tp1.json")):
-            return os.path.normpath(directory)
-    pytest.skip("the Megatron-LM fixture checkpoints (shared/fixtures/megatron_lm) are not beside this checkout; "
-                "set MEGATRON_TST_FIXTURES")
+    """The Megatron-LM fixture checkpoints in the repository (`tests/fixtures/megatron_lm`)."""
+    if not os.path.isfile(os.path.join(FIXTURES_DIR, "megatron_lm_gpt_tp1.json")):
+        raise FileNotFoundError(f"{FIXTURES_DIR}: the Megatron-LM fixture checkpoints are missing from the checkout")
+    return FIXTURES_DIR
 
 
 def fixture(name):
@@ -43,19 +37,15 @@ class Trainer:
 
     def __init__(self, argv, world_size=1, padded_vocab_size=1024):
         import torch.distributed as dist
-        from megatron.core.num_microbatches_calculator import (
-            destroy_num_microbatches_calculator, init_num_microbatches_calculator)
-
         from megatron_tst.training import arguments
         from megatron_tst.training.build import (
-            build_model, build_optimizer_and_scheduler, configure_schedule_hooks, set_random_seed)
+            build_model, build_optimizer_and_scheduler, configure_schedule_hooks, init_microbatch_calculator,
+            set_random_seed)
 
         self.args = arguments.parse_args(argv + ["--mock-data"], world_size=world_size)
         self.args.rank = dist.get_rank()
         self.args.padded_vocab_size = padded_vocab_size
-        destroy_num_microbatches_calculator()
-        init_num_microbatches_calculator(self.args.rank, None, self.args.global_batch_size,
-                                         self.args.micro_batch_size, self.args.data_parallel_size)
+        init_microbatch_calculator(self.args)
         set_random_seed(self.args.seed)
         self.model = build_model(self.args, arguments.transformer_config_from_args(self.args),
                                  arguments.model_options_from_args(self.args, padded_vocab_size))

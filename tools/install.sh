@@ -1,15 +1,46 @@
 #!/usr/bin/env bash
-# Set up .venv for megatron-tst on a CPU machine: the CPU build of torch 2.13.0 first (so that no install
-# ever resolves torch to a multi-GB CUDA build), then the package with megatron-core pinned (constraints.txt).
-# GPU machines: use your CUDA torch / NGC container and `pip install -e ".[gpu]"` instead.
+# Set up a virtual environment for megatron-tst on a CPU machine (Python 3.11 here; 3.12 in NGC containers).
+#   tools/install.sh                 .venv          megatron-core 0.16.1 (development pin, constraints.txt)
+#   tools/install.sh --mcore 0.19.2  .venv-mcore019 megatron-core 0.19.2 (what NGC containers ship)
+#   tools/install.sh --venv-of V     print the venv directory of megatron-core V, install nothing
+# The CPU build of torch 2.13.0 goes in first (so that no install ever resolves torch to a multi-GB CUDA build).
+# megatron-core 0.19.2 declares Python >= 3.12 but ships a cp311 wheel that works with the CPU torch: it is
+# installed with --no-deps --ignore-requires-python, then its pure-Python requirements (packaging, numpy) and
+# triton (imported by some of its modules). GPU machines: use your CUDA torch / NGC container and
+# `pip install -e ".[gpu]"` instead (README, "Install").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mcore=0.16.1
+case "${1:-}" in
+  --mcore) mcore=${2:?--mcore needs a version: 0.16.1 or 0.19.2} ;;
+  --venv-of) mcore=${2:?--venv-of needs a version}; print_only=1 ;;
+  "") ;;
+  *) echo "usage: tools/install.sh [--mcore 0.16.1|0.19.2] [--venv-of VERSION]" >&2; exit 2 ;;
+esac
+case "$mcore" in
+  0.16.1) venv=.venv ;;
+  0.19.2) venv=.venv-mcore019 ;;
+  *) echo "tools/install.sh: megatron-core $mcore is not one of the tested versions (0.16.1, 0.19.2)" >&2; exit 2 ;;
+esac
+if [[ -n "${print_only:-}" ]]; then echo "$venv"; exit 0; fi
+
 python=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$python" -m venv .venv
-pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
-"${pip[@]}" torch==2.13.0
-"${pip[@]}" -c constraints.txt -e ".[test,text,logging,plots,yaml]"
-if .venv/bin/python -c 'import torch, sys; sys.exit(torch.version.cuda is None)'; then
-  echo "warning: a CUDA build of torch is installed in .venv" >&2
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+extras="test,text,logging,plots,yaml"
+if [[ $mcore == 0.16.1 ]]; then
+  "${pip[@]}" torch==2.13.0
+  "${pip[@]}" -c constraints.txt -e ".[$extras]"
+else
+  "${pip[@]}" torch==2.13.0 triton
+  "${pip[@]}" --no-deps --ignore-requires-python "megatron-core==$mcore"
+  "${pip[@]}" "packaging>=24.2" numpy
+  # megatron-tst itself (its requirement megatron-core is met above), then its extras by name; typing_extensions
+  # stands in for 3.12's typing.override in the test that runs Megatron-LM's own loader.
+  "${pip[@]}" --no-deps -e .
+  "${pip[@]}" -c constraints.txt psutil pytest tokenizers sentencepiece tensorboard matplotlib pyyaml typing_extensions
 fi
-echo "megatron-tst installed in .venv ($(.venv/bin/python -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)'))"
+if "$venv/bin/python" -c 'import torch, sys; sys.exit(torch.version.cuda is None)'; then
+  echo "warning: a CUDA build of torch is installed in $venv" >&2
+fi
+echo "megatron-tst installed in $venv ($("$venv/bin/python" -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)' 2>/dev/null))"

@@ -562,10 +562,8 @@ def transformer_config_from_args(args, **overrides):
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_tst.platform import cpu
+    from megatron_tst.platform import cpu, mcore_compat
 
-    on_gpu = torch.cuda.is_available()
-    compiler = bool(shutil.which("cc") or shutil.which("gcc"))
     moe = {}
     if args.num_experts:
         moe = dict(
@@ -601,24 +599,12 @@ def transformer_config_from_args(args, **overrides):
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers, calculate_per_token_loss=args.calculate_per_token_loss,
         deallocate_pipeline_outputs=True,
-        # Kernel choices (the fusion flags are ignored): what runs where it can run.
-        # (the fused softmax is a compiled extension: without it megatron's local attention would fail to import
-        # it; the bias fusions are torch.compile'd (megatron.core.jit), whose Triton launcher needs a C compiler)
-        masked_softmax_fusion=on_gpu and _importable("scaled_masked_softmax_cuda"),
-        bias_activation_fusion=on_gpu and compiler and (args.swiglu or not args.disable_bias_linear),
-        bias_dropout_fusion=on_gpu and compiler, apply_rope_fusion=False, persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **mcore_compat.kernel_fusion_settings(swiglu=args.swiglu, add_bias_linear=not args.disable_bias_linear),
         **moe,
     )
     kwargs.update(cpu.cpu_config_overrides())
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 def model_options_from_args(args, padded_vocab_size: int):

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
-from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
+from megatron.core.num_microbatches_calculator import (
+    destroy_num_microbatches_calculator, init_num_microbatches_calculator)
 from megatron.core.optimizer import get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
@@ -39,8 +40,17 @@ def initialize_distributed(args) -> None:
     args.rank = dist.get_rank()
     initialize_parallel_state(Layout.from_args(args))
     set_random_seed(args.seed)
-    init_num_microbatches_calculator(args.rank, None, args.global_batch_size, args.micro_batch_size,
-                                     args.data_parallel_size)
+    init_microbatch_calculator(args)
+
+
+def init_microbatch_calculator(args) -> None:
+    """Megatron's process-global micro-batch calculator for --global-batch-size / --micro-batch-size / DP
+    (no batch-size ramp-up); replaces one set before."""
+    destroy_num_microbatches_calculator()
+    init_num_microbatches_calculator(rank=args.rank, rampup_batch_size=None,
+                                     global_batch_size=args.global_batch_size,
+                                     micro_batch_size=args.micro_batch_size,
+                                     data_parallel_size=args.data_parallel_size)
 
 
 def set_random_seed(seed: int) -> None:

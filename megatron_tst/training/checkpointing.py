@@ -23,12 +23,9 @@ atomically, so a crash at any point leaves the previous checkpoint loadable.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import os
 import random
-import re
 import shutil
 import signal
 import time
@@ -39,12 +36,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
-from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
 from megatron.core.utils import unwrap_model
 
 from megatron_tst.config import Phase
 from megatron_tst.parallel import collective_device
+from megatron_tst.platform import mcore_compat
+from megatron_tst.platform.mcore_compat import UnknownMegatronObject, read_common_state, safe_torch_load  # noqa: F401
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
@@ -114,96 +111,6 @@ class ExitConditions:
         if reason is None and args.exit_interval and state.iteration % args.exit_interval == 0:
             reason = f"--exit-interval {args.exit_interval}"
         return reason
-
-
-# --------------------------------------------------------------------------------------------------------------
-# safe unpickling
-
-
-class UnknownMegatronObject:
-    """Stand-in for a megatron class a checkpoint names but this megatron-core version lacks (e.g. a 0.19 enum)."""
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __repr__(self):
-        return f"UnknownMegatronObject{self.args}"
-
-
-_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-
-
-def safe_torch_load(source, map_location="cpu"):
-    """torch.load(weights_only=True) with megatron-core's allow-list; unknown megatron classes become stand-ins.
-
-    Anything else outside the allow-list is refused (never executed).
-    """
-    from megatron.core.safe_globals import register_safe_globals
-
-    register_safe_globals()
-    torch.serialization.add_safe_globals([argparse.Namespace, UnknownMegatronObject])
-    data = source.read() if hasattr(source, "read") else open(source, "rb").read()
-    for _ in range(64):
-        try:
-            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-        except Exception as err:  # pickle.UnpicklingError with torch's message
-            match = _UNSUPPORTED_GLOBAL.search(str(err))
-            if not match or not match.group(1).startswith("megatron."):
-                raise
-            torch.serialization.add_safe_globals([(UnknownMegatronObject, match.group(1))])
-    raise RuntimeError("too many unknown classes in a checkpoint object")
-
-
-class _SafeLoadPlanner(torch_strategy.MCoreLoadPlanner):
-    """Megatron's load planner, unpickling sharded objects with `safe_torch_load` instead of weights_only=False."""
-
-    def load_bytes(self, read_item, value):
-        obj = safe_torch_load(value)
-        if self.flatten_state_dict:
-            from torch.distributed.checkpoint._nested_dict import set_element
-
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
-
-
-@contextlib.contextmanager
-def _safe_sharded_objects():
-    """Within: megatron's torch_dist loader uses `_SafeLoadPlanner` (it looks the planner class up at call time)."""
-    original = torch_strategy.MCoreLoadPlanner
-    torch_strategy.MCoreLoadPlanner = _SafeLoadPlanner
-    try:
-        yield
-    finally:
-        torch_strategy.MCoreLoadPlanner = original
-
-
-class CommonStateLoadStrategy(TorchCommonLoadStrategy):
-    """Common state from `common.pt` (megatron-core <= 0.18) or the `common_state` object (0.19), unpickled safely."""
-
-    def load_common(self, checkpoint_dir):
-        path = os.path.join(checkpoint_dir, COMMON_STATE_FNAME)
-        if os.path.exists(path):
-            return safe_torch_load(path)
-        import torch.distributed.checkpoint as dcp
-
-        key = ShardedObject("common_state", None, (1,), (0,)).unique_key
-        holder = {key: io.BytesIO()}
-        planner = _SafeLoadPlanner()
-        dcp.load(holder, storage_reader=torch_strategy._get_filesystem_reader(checkpoint_dir),
-                 planner=planner, no_dist=True)
-        loaded = holder[key]
-        if isinstance(loaded, io.BytesIO):
-            loaded = safe_torch_load(loaded)
-        return loaded[0] if isinstance(loaded, list) else loaded
-
-
-def read_common_state(checkpoint_dir: str) -> dict:
-    """The non-sharded part of a checkpoint (args, iteration, scheduler, ...), safely. Cheap; any rank."""
-    return CommonStateLoadStrategy().load_common(checkpoint_dir)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -389,9 +296,7 @@ def save_checkpoint(args, state: TrainState, model, optimizer, scheduler) -> Non
     dist.broadcast(wall_time, src=0)  # one value in the (replicated) common state
     state.wall_time_s = float(wall_time)
     sd = _state_dict(args, state, model, optimizer, scheduler, padded_vocab_size)
-    strategy = torch_strategy.TorchDistSaveShardedStrategy("torch_dist", 1)
-    dist_checkpointing.save(sd, partial, strategy, validate_access_integrity=True,
-                            content_metadata=_sharded_metadata(args))
+    mcore_compat.save_sharded(sd, partial, content_metadata=_sharded_metadata(args))
     dist.barrier()
     if rank == 0:
         # An older iter_N (a leftover, or another lineage's after a --ckpt-step rollback) is moved aside by a
@@ -438,20 +343,18 @@ def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
     # Describe the optimizer state as the checkpoint stores it (its sharding type, not this run's flag).
     load_args = argparse.Namespace(**{**vars(args), "dist_ckpt_optim_fully_reshardable": sharding == "fully_reshardable"})
     if load_optimizer:
-        _prepare_torch_adam_distributed_optimizer(optimizer)
+        mcore_compat.prepare_torch_adam_distributed_optimizer(optimizer)
     sd = _state_dict(load_args, None, model, optimizer, scheduler, None, for_loading=True,
                      load_optimizer=load_optimizer, load_rng=load_rng)
-    with _safe_sharded_objects():
-        loaded = dist_checkpointing.load(sd, directory, torch_strategy.TorchDistLoadShardedStrategy(),
-                                         CommonStateLoadStrategy(), validate_access_integrity=True)
+    loaded = mcore_compat.load_sharded(sd, directory)
     for i, chunk in enumerate(model):
         unwrap_model(chunk).load_state_dict(loaded[_model_key(i, model)], strict=True)
     if load_optimizer:
         # no_grad: with fp32 params the main params are views of the model's leaf parameters and
         # the dp_reshardable loader copies into them in place (its fully_reshardable twin is no_grad already).
-        with _fully_reshardable_step_fix(optimizer), torch.no_grad():
+        with mcore_compat.fully_reshardable_step_fix(optimizer), torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
-        _untie_adam_steps(optimizer)
+        mcore_compat.untie_adam_steps(optimizer)
         if "opt_param_scheduler" in loaded:
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
@@ -476,72 +379,6 @@ def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
         print(f"loaded checkpoint {directory} (iteration {iteration}"
               f"{', weights only' if finetune else ''}; consumed samples {state.consumed_train_samples})", flush=True)
     return state
-
-
-# --------------------------------------------------------------------------------------------------------------
-# megatron-core 0.16.1's distributed optimizer with torch's Adam (no apex / Transformer Engine), two upstream bugs
-
-
-def _torch_adam_distributed_optimizers(optimizer):
-    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
-
-    if HAVE_APEX_OR_TE:
-        return []
-    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer])
-            if isinstance(opt, DistributedOptimizer)]
-
-
-def _prepare_torch_adam_distributed_optimizer(optimizer) -> None:
-    """`DistributedOptimizer.state_dict()` asserts on a torch Adam without state (distrib_optimizer.py:642),
-    so it cannot describe what to load into a fresh optimizer. Give it state first, as megatron-core does for
-    other optimizers (`_init_optimizer_states_with_dummy_values`); everything it sets is overwritten by the load."""
-    for opt in _torch_adam_distributed_optimizers(optimizer):
-        if len(opt.optimizer.state) == 0:
-            with torch.no_grad():  # the main params are views of the model's leaf parameters
-                opt._init_optimizer_states_with_dummy_values()
-
-
-@contextlib.contextmanager
-def _fully_reshardable_step_fix(optimizer):
-    """Loading 'fully_reshardable' state copies every key of a parameter's Adam state from the checkpoint,
-    'step' included, but the checkpoint keeps 'step' in the param groups (distrib_optimizer.py:2100 skips it,
-    :940 then raises KeyError). While loading, hand each parameter its current step as the source."""
-    patched = _torch_adam_distributed_optimizers(optimizer)
-    for opt in patched:
-        original = opt._set_main_param_and_optimizer_states
-
-        def set_states(model_param, tensors, opt=opt, original=original):
-            if "step" not in tensors:
-                group_index, group_order = opt.model_param_group_index_map[model_param]
-                main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
-                step = opt.optimizer.state[main_param].get("step")
-                if step is not None:
-                    tensors = {**tensors, "step": step}
-            original(model_param, tensors)
-
-        opt._set_main_param_and_optimizer_states = set_states
-    try:
-        yield
-    finally:
-        for opt in patched:
-            del opt._set_main_param_and_optimizer_states  # back to the class's method
-
-
-def _untie_adam_steps(optimizer) -> None:
-    """Give every parameter its own, correct Adam `step` after loading.
-
-    `DistributedOptimizer.load_state_dict` gives all parameters one shared `step` tensor
-    (distrib_optimizer.py:940-947), which torch Adam would advance once per parameter per iteration, and the
-    dp_reshardable parameter-state load then overwrites it with the placeholder state's step. The checkpoint's
-    step is in the param groups (distrib_optimizer.py:670): copy it into each parameter's state.
-    """
-    for opt in _torch_adam_distributed_optimizers(optimizer):
-        for group in opt.optimizer.param_groups:
-            for param in group["params"]:
-                state = opt.optimizer.state.get(param)
-                if state is not None and "step" in state:
-                    step = group.get("step", state["step"])
-                    state["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
 def _check_optimizer_format(directory, sharding, args, same_layout) -> None:

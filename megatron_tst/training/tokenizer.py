@@ -28,7 +28,6 @@ class is built with N - 1, which yields exactly the newer values.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import warnings
@@ -216,19 +215,10 @@ def _build_null(vocab_size: Optional[int]):
         raise ValueError("NullTokenizer needs --vocab-size (the number of token ids in the pre-tokenized data)")
     if isinstance(vocab_size, bool) or int(vocab_size) != vocab_size or vocab_size < 1:
         raise ValueError(f"NullTokenizer: --vocab-size must be a positive integer, got {vocab_size!r}")
-    vocab_size = int(vocab_size)
-    NullTokenizer = _megatron_text_libraries().NullTokenizer
+    null_tokenizer_class = _megatron_text_libraries().NullTokenizer
+    from megatron_tst.platform import mcore_compat  # its constructor's meaning changed in megatron-core 0.18
 
-    if "eod_id" in inspect.signature(NullTokenizer.__init__).parameters:
-        backend = NullTokenizer(vocab_size)  # megatron-core >= 0.18: vocab_size N, eod N - 1
-    else:
-        backend = NullTokenizer(vocab_size - 1)  # <= 0.17: reports (N - 1) + 1 ids, eod N - 1
-    if backend.vocab_size != vocab_size or backend.eod != vocab_size - 1:
-        raise RuntimeError(
-            f"megatron-core's NullTokenizer gave vocab_size={backend.vocab_size}, eod={backend.eod} for "
-            f"--vocab-size {vocab_size}; expected {vocab_size} and {vocab_size - 1}"
-        )
-    return backend
+    return mcore_compat.null_tokenizer(null_tokenizer_class, int(vocab_size))
 
 
 def build_tokenizer(

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test suite on every tested megatron-core: 0.16.1 (.venv) then 0.19.2 (.venv-mcore019).
+# Installs a missing venv first (tools/install.sh). Arguments go to pytest (e.g. -k, -m unit, a test file).
+#   tools/test.sh                 both versions
+#   MCORE=0.19.2 tools/test.sh    one version
+# Tests that cross versions (a checkpoint written on one version resumed on the other, Megatron-LM 0.19.2's own
+# loader reading ours) find the other venv's python through MEGATRON_TST_PYTHON_0_16 / MEGATRON_TST_PYTHON_0_19.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+versions=${MCORE:-0.16.1 0.19.2}
+for v in 0.16.1 0.19.2; do
+  venv=$(tools/install.sh --venv-of "$v") || exit 2
+  [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import megatron.core, megatron_tst' 2>/dev/null \
+    || tools/install.sh --mcore "$v" || exit 2
+done
+export MEGATRON_TST_PYTHON_0_16="$PWD/$(tools/install.sh --venv-of 0.16.1)/bin/python"
+export MEGATRON_TST_PYTHON_0_19="$PWD/$(tools/install.sh --venv-of 0.19.2)/bin/python"
+status=0
+for v in $versions; do
+  venv=$(tools/install.sh --venv-of "$v") || exit 2
+  echo "=== megatron-core $v: $venv/bin/python -m pytest -q $* ==="
+  "$venv/bin/python" -m pytest -q "$@" || status=1
+done
+exit $status
