@@ -50,6 +50,15 @@ def test_bag_of_one_is_the_stock_embedding(megatron_single_process):
     torch.testing.assert_close(superposed_embedding(emb, tokens, 1), emb(tokens, positions), rtol=0, atol=0)
 
 
+def test_embedding_features_it_does_not_mirror_are_refused(megatron_single_process):
+    """megatron-core 0.17+ scales the stock embedding by μP's multiplier when `use_mup` is set; the superposed
+    embedding does not mirror that yet, so it refuses instead of training a different model silently."""
+    emb = _embedding()
+    emb.config.use_mup, emb.config.mup_embedding_mult = True, 2.0  # set as attributes: 0.16.1 has no such fields
+    with pytest.raises(ValueError, match="use_mup"):
+        superposed_embedding(emb, _tokens(1, 8), 2)
+
+
 def test_learned_positions_index_bags(megatron_single_process):
     emb = _embedding(position_embedding_type="learned_absolute")
     tokens = _tokens(2, 12)

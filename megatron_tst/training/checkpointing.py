@@ -10,8 +10,10 @@ Layout (what Megatron-LM's `save_checkpoint` writes):
                 num_floating_point_operations_so_far, content_metadata, and `tst` (ours: bag size, phase plan,
                 consumed samples/tokens, wall time; Megatron-LM ignores it).
 
-Reading accepts both common-state layouts: `common.pt` (megatron-core <= 0.18) and the `common_state` sharded
-object inside the .distcp files (megatron-core 0.19, which Megatron-LM 0.19 writes).
+Each megatron-core version writes its own common-state layout: `common.pt` (<= 0.18) or the `common_state` sharded
+object inside the .distcp files (0.19, as Megatron-LM 0.19 writes); both read both. The calls into
+`dist_checkpointing` that differ between versions, the safe unpickling and the distributed-optimizer workarounds
+are in `megatron_tst/platform/mcore_compat.py`.
 
 Safety: nothing is unpickled with `weights_only=False`. Common state, RNG states and other sharded objects are
 loaded with `torch.load(weights_only=True)` and an allow-list (megatron-core's safe globals, argparse.Namespace,
