@@ -220,18 +220,33 @@ _PLAIN = (int, float, str, bool, type(None), torch.dtype)
 
 
 def _saved_args(args, state: TrainState, padded_vocab_size: int) -> argparse.Namespace:
-    """The args Namespace Megatron-LM expects: plain values only, with its derived fields."""
+    """The args Namespace Megatron-LM expects: plain values only, with its derived fields.
+
+    Megatron-LM's `load_args_from_checkpoint` (megatron/training/checkpointing.py, --use-checkpoint-args; also what
+    lm-eval-harness's Megatron backend and Megatron-Bridge's Megatron-LM loader read) rebuilds the model from these
+    fields under Megatron-LM's own names and meanings, and its `check_checkpoint_args` compares
+    `add_position_embedding` with the loading run's. So the fields our parser names differently are saved under
+    Megatron-LM's name too (`add_bias_linear`, `layernorm_epsilon`), the legacy flags keep the value Megatron-LM's
+    parser gives them (`add_position_embedding` True unless --no-position-embedding, `use_rotary_position_embeddings`
+    False unless that deprecated flag: the position embedding is `position_embedding_type`), and the model fields of
+    features this trainer refuses carry Megatron-LM's defaults.
+    """
     saved = {}
     for key, value in vars(args).items():
         if key in ("rank", "local_rank"):
             continue
         if isinstance(value, _PLAIN) or (isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value)):
             saved[key] = value
+    moe = args.num_experts is not None
     saved.update(
         consumed_train_samples=state.consumed_train_samples, skipped_train_samples=0, consumed_valid_samples=0,
-        padded_vocab_size=padded_vocab_size, add_position_embedding=args.position_embedding_type == "learned_absolute",
-        use_rotary_position_embeddings=args.position_embedding_type == "rope", rotary_interleaved=False,
-        apply_layernorm_1p=False, apply_query_key_layer_scaling=False, ckpt_format="torch_dist", use_dist_ckpt=True,
+        padded_vocab_size=padded_vocab_size, add_position_embedding=True, use_rotary_position_embeddings=False,
+        rotary_interleaved=False, apply_layernorm_1p=False, apply_query_key_layer_scaling=False,
+        add_bias_linear=not args.disable_bias_linear, layernorm_epsilon=args.norm_epsilon, squared_relu=False,
+        spec=None, mtp_num_layers=None, mtp_hybrid_override_pattern=None, mtp_use_repeated_layer=False,
+        moe_ffn_hidden_size=(args.moe_ffn_hidden_size or args.ffn_hidden_size) if moe else None,
+        moe_single_grouped_weight=False, moe_single_grouped_bias=False, moe_latent_size=None,
+        ckpt_format="torch_dist", use_dist_ckpt=True,
         data_parallel_size=args.data_parallel_size, world_size=args.world_size, iteration=state.iteration,
     )
     return argparse.Namespace(**saved)
