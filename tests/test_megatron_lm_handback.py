@@ -89,8 +89,11 @@ def run(cmd, timeout=600):
 
 
 def fixed_batch(seed=0, batch=2, seq_length=64, vocab=1024):
-    """tokens, labels [b, s] int64 (labels = tokens shifted by one), loss_mask [b, s] float32 all ones."""
-    sequences = torch.randint(0, vocab, (batch, seq_length + 1), generator=torch.Generator().manual_seed(seed))
+    """Rows of consecutive token ids from random starts, as --mock-data's samples are (so the trained weights
+    predict them better than the initial ones): tokens, labels [b, s] int64 (labels = tokens shifted by one),
+    loss_mask [b, s] float32 all ones."""
+    starts = torch.randint(0, vocab, (batch, 1), generator=torch.Generator().manual_seed(seed))
+    sequences = (starts + torch.arange(seq_length + 1)) % vocab
     return {"tokens": sequences[:, :-1].contiguous(), "labels": sequences[:, 1:].contiguous(),
             "loss_mask": torch.ones(batch, seq_length)}
 
@@ -164,4 +167,4 @@ def test_fixed_batch_tells_trained_from_initial_weights(written):
     """The fixed batch's loss depends on the trained weights: it differs from the loss at the run's initial weights."""
     for kind in ("dense", "moe"):
         ours = written(kind, 1)
-        assert abs(ours["loss"] - ours["initial_loss"]) > 1e-3 * ours["loss"], ours
+        assert ours["initial_loss"] - ours["loss"] > 1e-2 * ours["loss"], (kind, ours["loss"], ours["initial_loss"])
