@@ -59,8 +59,9 @@ def mcore019_python():
 
 
 def megatron_lm_argv(kind, tp):
-    """Megatron-LM's pretrain_gpt.py command line for `kind` at TP=tp."""
-    return COMMAND_LINES[kind].split() + ["--tensor-model-parallel-size", str(tp)]
+    """Megatron-LM's pretrain_gpt.py command line for `kind` at TP=tp (MoE with TP needs sequence parallelism)."""
+    sequence_parallel = ["--sequence-parallel"] if kind == "moe" and tp > 1 else []
+    return COMMAND_LINES[kind].split() + ["--tensor-model-parallel-size", str(tp)] + sequence_parallel
 
 
 def without_model_flags(argv):
