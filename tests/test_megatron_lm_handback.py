@@ -127,7 +127,9 @@ def written(request, tmp_path_factory, megatron_single_process):
             sequences = torch.cat([batch["tokens"], batch["labels"][:, -1:]], dim=1).tolist()
             initial = Trainer(megatron_lm_argv(kind, 1))
             _written[kind, tp] = {"save": save, "stdout": result.stdout, "state": state,
-                                  "loss": ours.eval_loss(sequences), "initial_loss": initial.eval_loss(sequences)}
+                                  "loss": ours.eval_loss(sequences), "initial_loss": initial.eval_loss(sequences),
+                                  "lr": ours.optimizer.param_groups[0]["lr"],
+                                  "scheduler_num_steps": ours.scheduler.num_steps}
         return _written[kind, tp]
 
     return get
@@ -156,6 +158,9 @@ def test_megatron_lm_loads_our_checkpoint(kind, tp, use_checkpoint_args, written
     assert result["iteration"] == ours["state"].iteration == TRAIN_ITERS
     # superposition steps consume BAG samples per position: 2 * 2 * 4 + 2 * 4
     assert result["consumed_train_samples"] == ours["state"].consumed_train_samples == 24
+    # the LR schedule comes back too (Megatron-LM counts it in samples of the global batch: 4 per iteration)
+    assert result["scheduler_num_steps"] == ours["scheduler_num_steps"] == TRAIN_ITERS * 4
+    assert result["lr"] == pytest.approx(ours["lr"], rel=1e-12)
     model = result["model_args"]
     assert (model["num_layers"], model["hidden_size"], model["ffn_hidden_size"], model["num_query_groups"],
             model["position_embedding_type"], model["swiglu"], model["add_bias_linear"]) == (

@@ -21,7 +21,8 @@ saved with torch.save) in eval mode, without gradients. Rank 0 writes OUT.json: 
 iteration, consumed_train_samples, num_floating_point_operations_so_far, the LR and scheduler step count, and the
 model arguments Megatron-LM ended up with.
 
-Stand-ins, all for running Megatron-LM 0.19.2 on this CPU-only Python 3.11 machine, none touching what is loaded:
+Stand-ins, all for running Megatron-LM 0.19.2 on a CPU-only Python 3.11 machine (only the first and last apply
+where CUDA is available), none touching what is loaded:
 - `typing.override` (Python 3.12) is taken from typing_extensions: megatron/training/models/gpt.py imports it.
 - megatron_tst.platform.cpu.enable(): megatron-core on CPU (CUDA devices -> CPU, inert streams, device RNG =
   CPU generator; see that module).
@@ -111,10 +112,11 @@ def mean_lm_loss(model_chunks, batch):
     """sum(per-token loss * loss_mask) / sum(loss_mask) on one batch, eval mode, no grad (a float)."""
     import torch
 
-    tokens_bs, labels_bs = batch["tokens"].long(), batch["labels"].long()
-    loss_mask_bs = batch["loss_mask"].float()
-    position_ids_bs = torch.arange(tokens_bs.shape[1]).expand_as(tokens_bs).contiguous()
     model = model_chunks[0]
+    device = next(model.parameters()).device
+    tokens_bs, labels_bs = batch["tokens"].long().to(device), batch["labels"].long().to(device)
+    loss_mask_bs = batch["loss_mask"].float().to(device)
+    position_ids_bs = torch.arange(tokens_bs.shape[1], device=device).expand_as(tokens_bs).contiguous()
     for chunk in model_chunks:
         chunk.eval()
     with torch.no_grad():
@@ -144,7 +146,7 @@ def main(argv):
 
     from megatron_tst.platform import cpu
 
-    cpu.enable()
+    on_cpu = cpu.enable()  # False (and no stand-ins below) where CUDA is available
 
     import megatron.core
     from megatron.core.enums import ModelType
@@ -152,11 +154,12 @@ def main(argv):
     from megatron.training import initialize as mlm_initialize
     from megatron.training.training import setup_model_and_optimizer
 
-    mlm_arguments.get_device_arch_version = lambda: 9
+    if on_cpu:
+        mlm_arguments.get_device_arch_version = lambda: 9
     args = mlm_arguments.parse_and_validate_args(args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
     mlm_initialize._compile_dependencies = lambda: None
-    with _one_cuda_device_reported():
-        mlm_initialize.initialize_megatron(allow_no_cuda=True)
+    with _one_cuda_device_reported() if on_cpu else contextlib.nullcontext():
+        mlm_initialize.initialize_megatron(allow_no_cuda=on_cpu)
 
     model, optimizer, scheduler = setup_model_and_optimizer(ModelType.encoder_or_decoder, gpt_model_provider)
     batch = torch.load(ours.batch, weights_only=True)
