@@ -50,11 +50,13 @@ COMMAND_LINES = {
 
 
 def mcore019_python():
-    """Megatron-core 0.19.2's Python ($MEGATRON_TST_MCORE019_PYTHON, default <repo>/.venv-mcore019/bin/python)."""
-    path = os.environ.get("MEGATRON_TST_MCORE019_PYTHON", os.path.join(ROOT, ".venv-mcore019", "bin", "python"))
+    """Megatron-core 0.19.2's Python: $MEGATRON_TST_PYTHON_0_19 (tools/test.sh exports it), else
+    $MEGATRON_TST_MCORE019_PYTHON, else <repo>/.venv-mcore019/bin/python."""
+    path = (os.environ.get("MEGATRON_TST_PYTHON_0_19") or os.environ.get("MEGATRON_TST_MCORE019_PYTHON")
+            or os.path.join(ROOT, ".venv-mcore019", "bin", "python"))
     if not os.path.isfile(path):
-        pytest.skip(f"no megatron-core 0.19.2 Python at {path}: create .venv-mcore019 (README, Install: torch 2.13.0 "
-                    "CPU + megatron-core==0.19.2 --no-deps) or set MEGATRON_TST_MCORE019_PYTHON")
+        pytest.skip(f"no megatron-core 0.19.2 Python at {path}: run the suite through tools/test.sh (or "
+                    "tools/install.sh --mcore 0.19.2), or set MEGATRON_TST_PYTHON_0_19")
     return path
 
 
@@ -82,7 +84,10 @@ def launcher(python, nproc):
 
 
 def run(cmd, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+    # A launch of its own: not the pytest process's rendezvous, if it has one.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env = {**env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
            "PYTHONPATH": os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert result.returncode == 0, " ".join(cmd) + "\n" + result.stdout[-3000:] + result.stderr[-5000:]
