@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--kv-groups", type=int, default=3, help="GQA query groups")
+    p.add_argument("--ffn-hidden-size", type=int, help="default: the trainer's (SwiGLU: 2/3 of 4 x hidden)")
     p.add_argument("--seq-length", type=int, default=192,
                    help="positions per sample (divisible by s for --sample-layout segments)")
     p.add_argument("--global-batch", type=int, default=16)
@@ -71,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-iters", type=int, default=10, help="validation batches (a fixed set of samples)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--nproc", type=int, default=2, help="torchrun processes (data-parallel size)")
+    p.add_argument("--trainer-flag", action="append", default=[],
+                   help="one more trainer flag for both runs, e.g. --trainer-flag=--bf16 (repeatable)")
     p.add_argument("--force", action="store_true", help="rerun runs that already finished")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     p.add_argument("--publish", help="also copy summary.json and the main plots to this directory")
@@ -100,7 +103,8 @@ def common_flags(args, data_prefix: str, tokenizer: str, cache: str) -> list:
         --data-path {data_prefix} --split 949,50,1 --data-cache-path {cache} --num-workers 0
         --log-interval 1 --eval-interval {args.eval_interval} --eval-iters {args.eval_iters}
     """
-    return flags.split()
+    ffn = ["--ffn-hidden-size", str(args.ffn_hidden_size)] if args.ffn_hidden_size else []
+    return flags.split() + ffn + [f for flag in args.trainer_flag for f in flag.split()]
 
 
 def run_commands(args) -> dict:
