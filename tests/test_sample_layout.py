@@ -11,7 +11,7 @@ id other than EOD occurs twice in the corpus.
 * The baseline of the comparison (--tst-superposition-ratio 0, same bag size) reads the same stream.
 * --seq-length 64 with --tst-bag-size 6 (64 % 6 != 0) is accepted and trains.
 * A checkpoint whose stream this run cannot continue exactly (a Megatron-LM checkpoint under the contiguous
-  layout, or a contiguous-layout checkpoint under segments) is refused with the way forward named.
+  layout, or a contiguous-layout checkpoint under another bag size) is refused with the way forward named.
 """
 
 import json
@@ -200,11 +200,11 @@ def test_the_baseline_of_the_comparison_reads_the_same_stream(runs, block_stream
 
 
 def test_a_checkpoint_of_another_stream_is_refused_with_the_way_forward(runs, corpus):
-    # The TST run's checkpoint (contiguous windows of 6 x 64 tokens) loaded with the segments layout
+    # The TST run's checkpoint (contiguous windows of 6 x 64 tokens) loaded with bags of 4: windows of 4 x 64
     tst_dir = runs["tst"]["dir"]
     result = _trainer(FLAGS + ["--data-path", corpus[0], "--data-cache-path", str(tst_dir / "cache"),
                                "--load", str(tst_dir / "ckpt"), "--tst-superposition-iters", str(SUP_ITERS),
-                               "--tst-sample-layout", "segments"], nproc=1)
+                               "--tst-bag-size", "4"], nproc=1)
     assert result.returncode != 0
     assert "the data stream cannot be continued exactly" in result.stderr, result.stderr[-3000:]
     assert "--tst-sample-layout contiguous and --tst-bag-size 6" in result.stderr
