@@ -106,11 +106,12 @@ def check_stream_continuation(checkpoint_stream: Optional[dict], plan: SamplePla
     saved_window, window = int(saved.get("samples_per_window", 1)), plan.samples_per_window
     if saved_window == window:
         return
-    described = {1: "Megatron's stock samples of --seq-length tokens (no TST, --tst-sample-layout segments, "
-                    "or a checkpoint written by Megatron-LM or before megatron-tst had sample layouts)"}
     def describe(n):
-        return described.get(n, f"contiguous windows of {n} x --seq-length tokens (--tst-sample-layout contiguous "
-                                 f"with --tst-bag-size {n})")
+        if n == 1:
+            return ("Megatron's stock samples of --seq-length tokens (no TST, --tst-sample-layout segments, or a "
+                    "checkpoint written by Megatron-LM or before megatron-tst had sample layouts)")
+        return f"contiguous windows of {n} x --seq-length tokens (--tst-sample-layout contiguous with --tst-bag-size {n})"
+
     if saved_window == 1:
         forward = "add --tst-sample-layout segments to continue that stream exactly"
     else:
