@@ -74,22 +74,45 @@ class Run:
             self.state = checkpointing.load_checkpoint(args, self.model, self.optimizer, self.scheduler)
         self.plan = data.SamplePlan(args.global_batch_size, args.train_iters,
                                     args.tst.bag_size if args.tst else 1,
-                                    args.tst_superposition_steps if args.tst else 0)
+                                    args.tst_superposition_steps if args.tst else 0,
+                                    args.tst.sample_layout if args.tst else "contiguous")
+        if args.load and not args.finetune:
+            data.check_stream_continuation(self.state.data_stream, self.plan, self.state.consumed_train_samples,
+                                           where=f"the checkpoint loaded from {args.load}")
         self.flops_per_step = training_flops_per_step(
             arguments.model_shape_from_args(args, self.padded_vocab_size), args.seq_length, args.global_batch_size)
-        bag = self.plan.bag_size
-        eval_samples = args.eval_iters * args.global_batch_size * bag
-        self.train_ds, self.valid_ds, self.test_ds = data.build_datasets(
-            args, self.tokenizer, [self.plan.total_samples(), eval_samples, None],
-            is_built_on_rank=lambda: (parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-                                      or parallel_state.is_pipeline_last_stage(ignore_virtual=True)))
+        self.train_ds, self.valid_ds, self.valid_mce_ds = self._build_datasets()
         self.has_validation = _any_rank(self.valid_ds is not None)
+        self.has_mce_validation = _any_rank(self.valid_mce_ds is not None)  # the same on every rank
         if args.eval_iters > 0 and not self.has_validation:
             print_rank_0("the validation split is empty: no evaluation (see --split)")
         self.recorder = (data.StreamRecorder(args.record_data_stream, args.rank)
                          if args.record_data_stream else None)
         self.writer = MetricsWriter(args, self.run_info()) if is_last_rank() else None
         self.exit = checkpointing.ExitConditions(args)
+
+    def _build_datasets(self):
+        """(train, valid, valid for the MCE evaluation), through Megatron-Core's builder.
+
+        The train dataset's samples are the plan's windows (data.py: s*L tokens for the contiguous layout). The
+        validation LM loss always reads Megatron's stock L-samples, so that every run (baseline, TST with any
+        s or layout) is evaluated on the same samples; the superposition phase's MCE evaluation reads rows as
+        the train stream forms them (windows of s*L tokens, or s stock samples for the segments layout).
+        """
+        args, plan = self.args, self.plan
+        is_built_on_rank = lambda: (parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+                                    or parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+        eval_rows = args.eval_iters * args.global_batch_size
+        window = plan.samples_per_window
+        mce_eval_samples = eval_rows * (plan.bag_size if window == 1 else 1)
+        train, valid_windows, _ = data.build_datasets(
+            args, self.tokenizer, [plan.dataset_samples(plan.total_samples()), mce_eval_samples, None],
+            is_built_on_rank=is_built_on_rank, sequence_length=plan.window_length(args.seq_length))
+        if window == 1:
+            return train, valid_windows, valid_windows
+        _, valid, _ = data.build_datasets(args, self.tokenizer, [1, eval_rows, None],
+                                          is_built_on_rank=is_built_on_rank)
+        return train, valid, valid_windows
 
     def run_info(self) -> dict:
         args = self.args
@@ -103,7 +126,7 @@ class Run:
     # ------------------------------------------------------------------------------------------- data
 
     def data_iterators(self, dataset, first_sample: int, num_steps: int, bag_size: int, first_iteration: int = 0,
-                       phase: Phase = Phase.RECOVERY, record: bool = False):
+                       phase: Phase = Phase.RECOVERY, record: bool = False, samples_per_window: int = 1):
         """Per model chunk: this rank's micro-batch stream if the chunk is a first/last stage, else None."""
         args = self.args
         iterators: List[Optional[object]] = []
@@ -119,7 +142,7 @@ class Run:
                 global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
                 dp_rank=parallel_state.get_data_parallel_rank(), dp_size=args.data_parallel_size,
                 seq_length=args.seq_length, ignore_index=args.tst.ignore_index if args.tst else -100,
-                num_workers=args.num_workers)
+                num_workers=args.num_workers, samples_per_window=samples_per_window)
             iterators.append(data.strip_bookkeeping(stream, self.recorder if record else None, first_iteration,
                                                     get_num_microbatches(), phase))
         return iterators[0] if len(iterators) == 1 else iterators
@@ -134,8 +157,9 @@ class Run:
         results = evaluate(self.data_iterators(self.valid_ds, 0, args.eval_iters, 1), args.eval_iters,
                            self.model, args)
         record = {"eval_lm_loss": results.get("lm loss")}
-        if phase == Phase.SUPERPOSITION:
-            mce = evaluate(self.data_iterators(self.valid_ds, 0, args.eval_iters, self.plan.bag_size),
+        if phase == Phase.SUPERPOSITION and self.has_mce_validation:
+            mce = evaluate(self.data_iterators(self.valid_mce_ds, 0, args.eval_iters, self.plan.bag_size,
+                                               samples_per_window=self.plan.samples_per_window),
                            args.eval_iters, self.model, args)
             record["eval_mce_loss"] = mce.get("mce loss")
         if self.writer is not None:
@@ -158,7 +182,8 @@ class Run:
                 segment_end = min(segment_end, (state.iteration // args.exit_interval + 1) * args.exit_interval)
             stream = self.data_iterators(self.train_ds, state.consumed_train_samples, segment_end - state.iteration,
                                          plan.bag_size if phase == Phase.SUPERPOSITION else 1,
-                                         state.iteration, phase, record=True)
+                                         state.iteration, phase, record=True,
+                                         samples_per_window=plan.samples_per_window)
             stop = self._train_segment(stream, phase, segment_end)
             if stop:
                 return stop

@@ -9,11 +9,14 @@ Output side (`build_bag_targets`): the position of bag i (raw tokens [i*s, i*s+s
 bag, raw tokens [(i+1)*s, (i+1)*s+s-1], i.e. labels [i*s+s-1, i*s+2s-2] (labels are tokens shifted by one).
 So no token is ever a target of the position whose bag contains it.
 
-Last position (and each segment's last position): Megatron's samples carry one token past their end
-(labels[-1]), so the last bag of a segment has exactly one real target, that token; its other s-1 slots
-are ignored. This is the paper's "labels shifted left by s-1, padded with ignore values". A row made of
-several baseline samples (which Megatron's GPTDataset draws from shuffled, unrelated places) is several
-segments: targets never cross a segment boundary.
+Rows: by default (the paper's Listing 1) a row is one contiguous window of s*L raw tokens of the document
+stream, plus the one following token: Megatron's sample fields of a dataset with sequence length s*L
+(training/data.py). Bags are `tokens.view(b, L, s)`; targets run across document boundaries like inputs
+(EOD is an ordinary token; Megatron's loss_mask, e.g. --eod-mask-loss, removes targets). Last position:
+the window carries one token past its end (labels[-1]), so the last bag has exactly one real target, that
+token; its other s-1 slots are ignored: the paper's "labels shifted left by s-1, padded with ignore values".
+With `segment_length` L (the "segments" layout, a deviation from the paper) a row is s independent baseline
+samples of L tokens: targets never cross a segment boundary and each segment's last bag has one target.
 
 Parallelism (same rules as Megatron's stock embedding; bags are formed before any split):
 - tensor parallel: each rank looks up only its vocab shard (zeros elsewhere), averages its partial
@@ -167,9 +170,10 @@ def build_bag_targets(
         labels_bt: [b, s*L] labels (the raw tokens shifted left by one, Megatron's `labels`).
         loss_mask_bt: [b, s*L] Megatron's `loss_mask` (0 drops that label as a target), or None.
         bag_size: s.
-        segment_length: length of the independent contiguous segments the row is made of (the baseline
-            sequence length when the row concatenates s baseline samples); None: one contiguous row.
-            Must be a multiple of s, so that no bag straddles two segments.
+        segment_length: None (default): the row is one contiguous window (the paper's layout). Otherwise
+            the length of the independent segments the row is made of (the baseline sequence length L for
+            the "segments" layout, whose rows concatenate s baseline samples); must then be a multiple of s,
+            so that no bag straddles two segments.
         ignore_index: id written into absent targets.
 
     Returns:
@@ -221,7 +225,8 @@ def make_superposition_batch(
     segment_length: Optional[int] = None,
     ignore_index: int = -100,
 ) -> dict:
-    """A superposition micro-batch from Megatron sample fields of s*L tokens per row.
+    """A superposition micro-batch from Megatron sample fields of s*L tokens per row (one contiguous window per
+    row by default; `segment_length` as in `build_bag_targets`).
 
     Returns {"tokens": [b, s*L], "tst_targets": [b, L, s], "loss_mask": [b, L] float (1 where the position
     has at least one target)}. Every tensor has the sequence on dim 1, in whole bags, so Megatron's

@@ -30,6 +30,7 @@ class Case:
     moe_dispatcher: Optional[str] = None  # None: dense model
     distributed_optimizer: bool = False
     optimizer_step: bool = False
+    sample_layout: str = "contiguous"  # superposition rows: one window of S*L tokens, or S segments of L
 
 
 def transformer_config(case: Case):
@@ -60,10 +61,11 @@ def model_options():
     return GPTModelOptions(vocab_size=V, max_sequence_length=L, untie_embeddings_and_output_weights=True)
 
 
-def tst_config(weighting="uniform"):
+def tst_config(weighting="uniform", sample_layout="contiguous"):
     from megatron_tst.config import TSTConfig
 
-    return TSTConfig(bag_size=S, superposition_ratio=0.3, weighting=weighting, ignore_index=IGNORE)
+    return TSTConfig(bag_size=S, superposition_ratio=0.3, weighting=weighting, ignore_index=IGNORE,
+                     sample_layout=sample_layout)
 
 
 def build_chunks(case: Case, tst=None) -> List[torch.nn.Module]:
@@ -73,7 +75,7 @@ def build_chunks(case: Case, tst=None) -> List[torch.nn.Module]:
     from megatron_tst.model import build_gpt_model
 
     config = transformer_config(case)
-    tst = tst or tst_config()
+    tst = tst or tst_config(sample_layout=case.sample_layout)
     chunks = []
     for vp_stage in range(case.vpp or 1):
         vp = vp_stage if case.vpp else None
@@ -95,8 +97,12 @@ def wrap_ddp(chunks, case: Case):
             for i, chunk in enumerate(chunks)]
 
 
-def make_microbatches(superposition: bool, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
-    """NUM_MICROBATCHES micro-batches of MBS rows from a random stream; masks and EODs included."""
+def make_microbatches(superposition: bool, seed: int = 0,
+                      sample_layout: str = "contiguous") -> List[Dict[str, torch.Tensor]]:
+    """NUM_MICROBATCHES micro-batches of MBS rows from a random stream; masks and EODs included.
+
+    A superposition row is one contiguous window of S*L (+1) tokens (the default, the paper's layout: next-bag
+    targets run through the whole row), or with sample_layout "segments" S segments of L tokens."""
     from megatron_tst.superposition import make_superposition_batch
 
     g = torch.Generator().manual_seed(seed)
@@ -107,8 +113,9 @@ def make_microbatches(superposition: bool, seed: int = 0) -> List[Dict[str, torc
         tokens, labels = stream[:, :-1], stream[:, 1:]
         loss_mask = (torch.rand(MBS, length, generator=g) > 0.1).float()
         if superposition:
-            batches.append(make_superposition_batch(tokens, labels, loss_mask, S, segment_length=L,
-                                                    ignore_index=IGNORE))
+            batches.append(make_superposition_batch(
+                tokens, labels, loss_mask, S, segment_length=L if sample_layout == "segments" else None,
+                ignore_index=IGNORE))
         else:
             batches.append({"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
                             "position_ids": torch.arange(L).expand(MBS, L).contiguous()})
@@ -170,7 +177,8 @@ def run_case(case: Case, global_weights, phases=("superposition", "recovery")) -
         chunks = wrap_ddp(build_chunks(case), case)
         load_global(chunks, global_weights)
         optimizer = make_optimizer(chunks, case) if case.optimizer_step else None
-        loss = train_step(chunks, make_microbatches(phase == "superposition"), case, optimizer)
+        loss = train_step(chunks, make_microbatches(phase == "superposition", sample_layout=case.sample_layout),
+                          case, optimizer)
         result = {"loss": loss}
         if case.optimizer_step:
             result["weights_after"] = gather_global(chunks)

@@ -53,13 +53,25 @@ def test_tst_flags_and_yaml_config(tmp_path):
     assert args.tst.bag_size == 4 and args.tst_superposition_steps == 3 and args.swiglu
     assert args.lr == 2e-3  # the command line wins over the file
     assert parse_args(SMALL, world_size=1).tst is None  # no --tst-*: a plain baseline
+    assert args.tst.sample_layout == "contiguous"  # the paper's rows by default
+
+
+@pytest.mark.parametrize("bag_size", [5, 6])
+def test_any_sequence_length_with_the_contiguous_layout(bag_size):
+    # --seq-length 64 with bags of 5 or 6 (64 % s != 0): a row is 64*s contiguous tokens, 64 bags of s
+    args = parse_args(SMALL + ["--tst-bag-size", str(bag_size), "--tst-superposition-ratio", "0.3"], world_size=1)
+    assert (args.seq_length, args.tst.bag_size, args.tst.sample_layout) == (64, bag_size, "contiguous")
 
 
 @pytest.mark.parametrize("extra,world_size,message", [
     (["--global-batch-size", "6", "--micro-batch-size", "2"], 2, "not divisible by --micro-batch-size 2 x data-parallel size 2"),
     (["--tst-bag-size", "4", "--tst-superposition-ratio", "1.0"], 1, "must be in [0, 1)"),
     (["--tst-bag-size", "4", "--tst-superposition-ratio", "-0.1"], 1, "must be in [0, 1)"),
-    (["--tst-bag-size", "5", "--tst-superposition-ratio", "0.3"], 1, "divisible by --tst-bag-size 5"),
+    (["--tst-bag-size", "5", "--tst-superposition-ratio", "0.3", "--tst-sample-layout", "segments"], 1,
+     "divisible by --tst-bag-size 5 with --tst-sample-layout segments"),
+    (["--tst-sample-layout", "segments"], 1, "--tst-sample-layout needs --tst-bag-size"),
+    (["--tst-bag-size", "4", "--tst-superposition-ratio", "0.3", "--tst-sample-layout", "windows"], 1,
+     "invalid choice: 'windows'"),
     (["--tst-bag-size", "0", "--tst-superposition-ratio", "0.3"], 1, "must be an integer >= 1"),
     (["--tst-superposition-ratio", "0.3"], 1, "needs --tst-bag-size"),
     (["--tensor-model-parallel-size", "2"], 3, "some processes would not be used"),

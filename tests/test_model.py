@@ -100,10 +100,18 @@ def test_superposition_step_errors(megatron_single_process):
         model(sup["tokens"][:, :-1], None, None, labels=sup[TARGETS_KEY], tst_superposition=True)
 
 
+def test_sequence_length_divisible_by_the_bag_size_only_for_segments(megatron_single_process):
+    from megatron_tst.model import validate_tst_model
+
+    config = transformer_config(Case("v"))
+    validate_tst_model(config, model_options(), tst_config(), seq_length=L + 2)  # contiguous rows: any L
+    with pytest.raises(ValueError, match="divisible by --tst-bag-size 4 with --tst-sample-layout segments"):
+        validate_tst_model(config, model_options(), tst_config(sample_layout="segments"), seq_length=L + 2)
+
+
 @pytest.mark.parametrize(
     "config_changes,options_changes,seq_length,message",
     [
-        ({}, {}, L + 2, "divisible by --tst-bag-size"),
         ({"tensor_model_parallel_size": 8, "sequence_parallel": True}, {}, 12, "divisible by the TP size"),
         ({"context_parallel_size": 4}, {}, 12, "divisible by 8"),
         ({"context_parallel_size": 2}, {}, L, "context parallelism needs Transformer Engine"),

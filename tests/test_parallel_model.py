@@ -1,6 +1,7 @@
 """TST in the model under TP, TP+SP, PP (1F1B), interleaved PP, DP with the distributed optimizer and EP.
 
-Each layout runs on 2 gloo processes with the weights of a TP=PP=EP=DP=1 reference (run in this process)
+Superposition rows are contiguous windows of s*L tokens (the default layout; one case also the "segments"
+layout). Each layout runs on 2 gloo processes with the weights of a TP=PP=EP=DP=1 reference (run in this process)
 and the same micro-batches, in both phases: the global-batch loss matches to 1e-5 relative and every
 parameter's gradient (after Megatron's reductions) matches; for DP=2 + distributed optimizer one full
 Adam step gives the same weights. All layouts share one spawn (parallel state is re-initialised per layout).
@@ -17,6 +18,7 @@ from parallel_harness import Case, build_chunks, run_case
 CASES = [
     Case("tp2", tp=2),
     Case("tp2_sp", tp=2, sequence_parallel=True),
+    Case("tp2_sp_segments", tp=2, sequence_parallel=True, sample_layout="segments"),
     Case("pp2_1f1b", pp=2),
     Case("pp2_interleaved", pp=2, vpp=2),
     Case("dp2_distributed_optimizer", distributed_optimizer=True, optimizer_step=True),
@@ -27,7 +29,8 @@ PHASES = ("superposition", "recovery")
 
 
 def _reference_case(case: Case) -> Case:
-    return Case(f"ref_{case.name}", moe_dispatcher=case.moe_dispatcher, optimizer_step=case.optimizer_step)
+    return Case(f"ref_{case.name}", moe_dispatcher=case.moe_dispatcher, optimizer_step=case.optimizer_step,
+                sample_layout=case.sample_layout)
 
 
 def _rel(a, b):

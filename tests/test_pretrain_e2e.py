@@ -24,6 +24,8 @@ TRAINING = (f"--micro-batch-size 2 --global-batch-size {G} --train-iters {TRAIN_
             f"--tokenizer-type NullTokenizer --vocab-size {VOCAB_SIZE} --split 95,5,0 --log-interval 1 "
             "--eval-interval 8 --eval-iters 2 --num-workers 0")
 TST = f"--tst-bag-size {BAG} --tst-superposition-iters {SUP_ITERS}"
+# The baseline of the comparison: the same data flags (bag size, hence the same stream), no superposition steps.
+BASELINE = f"--tst-bag-size {BAG} --tst-superposition-iters 0"
 
 
 def run_trainer(args, nproc=2, timeout=600):
@@ -47,9 +49,10 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory):
-    """A baseline run and a TST run, identical flags otherwise, both recording their data streams."""
+    """A baseline run (0 superposition steps) and a TST run, identical flags otherwise, both recording their
+    data streams."""
     out = {}
-    for name, extra in (("baseline", ""), ("tst", TST)):
+    for name, extra in (("baseline", BASELINE), ("tst", TST)):
         directory = tmp_path_factory.mktemp(name)
         args = (f"{MODEL} {TRAINING} {extra} --data-path {corpus} --data-cache-path {directory}/cache "
                 f"--metrics-jsonl {directory}/metrics.jsonl --record-data-stream {directory}/stream "

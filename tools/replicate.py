@@ -5,7 +5,8 @@
 Both runs train the same small Llama-style model (RoPE, RMSNorm, SwiGLU, GQA, untied embeddings, no dropout)
 on the demo corpus (tools/build_demo_data.py, built into --data-dir when missing) with the same steps, the
 same positions per step (global batch x seq length), the same warmup-stable-decay LR schedule and the same
-seed; the TST run only adds ``--tst-bag-size S --tst-superposition-ratio R``. Each run is
+seed and the same data stream (both give ``--tst-bag-size S --tst-sample-layout LAYOUT``; the baseline has
+``--tst-superposition-ratio 0``, the TST run ``R``). Each run is
 ``torchrun --standalone --nproc-per-node 2 -m megatron_tst.pretrain ...`` (DP=2, gloo on CPU) writing
 ``--metrics-jsonl``; then tools/compare_runs.py (in this process: its reader, report and plots) gives the
 equal-loss speedup, the equal-FLOPs loss gap and the plots.
@@ -14,7 +15,7 @@ A run whose metrics already hold the final evaluation (at --steps), made with th
 skipped unless --force; any other is started over. The defaults (6 layers, hidden 384, seq 192, global
 batch 16, 300 steps, s=4, r=0.3) take about 30 minutes on 2 CPU cores and keep both runs within one epoch
 of the 1.8M-token train split (the TST run reads s x the samples per step in its superposition phase;
-both runs read the same shuffled sample order, the TST run just reads further).
+both runs read the same shuffled block stream, the TST run just reads further).
 
 Writes into --out: baseline.jsonl, tst.jsonl, their logs (*.log), wall times (*.wall.json), the
 compare_runs plots (eval_loss_vs_{steps,flops,tokens,wall_time}.png, train_loss_vs_steps.png), and
@@ -51,11 +52,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bag-size", type=int, default=4, help="TST bag size s")
     p.add_argument("--ratio", type=float, default=0.3, help="TST superposition ratio r")
     p.add_argument("--weighting", default="uniform", choices=("uniform", "power", "exp", "first"))
+    p.add_argument("--sample-layout", default="contiguous", choices=("contiguous", "segments"),
+                   help="--tst-sample-layout of both runs: superposition rows of s*L contiguous tokens (the paper's) "
+                        "or s unrelated samples of L tokens")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--kv-groups", type=int, default=3, help="GQA query groups")
-    p.add_argument("--seq-length", type=int, default=192, help="positions per sample (divisible by s)")
+    p.add_argument("--ffn-hidden-size", type=int, help="default: the trainer's (SwiGLU: 2/3 of 4 x hidden)")
+    p.add_argument("--seq-length", type=int, default=192,
+                   help="positions per sample (divisible by s for --sample-layout segments)")
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -66,12 +72,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-iters", type=int, default=10, help="validation batches (a fixed set of samples)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--nproc", type=int, default=2, help="torchrun processes (data-parallel size)")
+    p.add_argument("--trainer-flag", action="append", default=[],
+                   help="one more trainer flag for both runs, e.g. --trainer-flag=--bf16 (repeatable)")
     p.add_argument("--force", action="store_true", help="rerun runs that already finished")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     p.add_argument("--publish", help="also copy summary.json and the main plots to this directory")
     args = p.parse_args(argv)
-    if args.seq_length % args.bag_size:
-        p.error(f"--seq-length {args.seq_length} must be divisible by --bag-size {args.bag_size}")
+    if args.sample_layout == "segments" and args.seq_length % args.bag_size:
+        p.error(f"--seq-length {args.seq_length} must be divisible by --bag-size {args.bag_size} "
+                "with --sample-layout segments")
     if args.global_batch % (args.micro_batch * args.nproc):
         p.error("--global-batch must be divisible by --micro-batch x --nproc")
     return args
@@ -94,21 +103,24 @@ def common_flags(args, data_prefix: str, tokenizer: str, cache: str) -> list:
         --data-path {data_prefix} --split 949,50,1 --data-cache-path {cache} --num-workers 0
         --log-interval 1 --eval-interval {args.eval_interval} --eval-iters {args.eval_iters}
     """
-    return flags.split()
+    ffn = ["--ffn-hidden-size", str(args.ffn_hidden_size)] if args.ffn_hidden_size else []
+    return flags.split() + ffn + [f for flag in args.trainer_flag for f in flag.split()]
 
 
 def run_commands(args) -> dict:
-    """{name: argv} of the baseline and the TST run (identical but for the --tst-* flags)."""
+    """{name: argv} of the baseline and the TST run: identical but for the number of superposition steps (the
+    baseline has none; both give the bag size and layout, so both read the same data stream)."""
     data_prefix = os.path.join(args.data_dir, "demo_text_document")
     shared = common_flags(args, data_prefix, os.path.join(args.data_dir, "tokenizer.json"),
                           os.path.join(args.out, "cache"))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                 "-m", "megatron_tst.pretrain"]
-    tst = ["--tst-bag-size", str(args.bag_size), "--tst-superposition-ratio", str(args.ratio),
-           "--tst-weighting", args.weighting]
+    data = ["--tst-bag-size", str(args.bag_size), "--tst-sample-layout", args.sample_layout]
+    tst = data + ["--tst-superposition-ratio", str(args.ratio), "--tst-weighting", args.weighting]
+    baseline = data + ["--tst-superposition-ratio", "0"]
     return {name: launcher + shared + extra
             + ["--wandb-exp-name", name, "--metrics-jsonl", os.path.join(args.out, f"{name}.jsonl")]
-            for name, extra in (("baseline", []), ("tst", tst))}
+            for name, extra in (("baseline", baseline), ("tst", tst))}
 
 
 def is_finished(path: str, steps: int) -> bool:

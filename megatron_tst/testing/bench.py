@@ -197,7 +197,7 @@ def step_microbatches(args, *, kind: str, bag_size: int, vocab_size: int, seed: 
         tokens, labels = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         loss_mask = torch.ones(tokens.shape, dtype=torch.float32)
         if kind == SUPERPOSITION:
-            batch = make_superposition_batch(tokens, labels, loss_mask, s, segment_length=length,
+            batch = make_superposition_batch(tokens, labels, loss_mask, s,  # rows: contiguous windows
                                              ignore_index=args.tst.ignore_index)
         else:
             batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,

@@ -54,7 +54,8 @@ IGNORED_EXACT = {
 }
 IGNORED_PATTERNS = (r"fusion", r"^--profile", r"pytorch-profiler", r"^--(no-|disable-)?tp-comm-", r"cuda-graph",
                     r"^--(no-)?inference-", r"^--(no-)?rl-", r"^--one-logger")
-TST_FLAGS = ("--tst-bag-size", "--tst-superposition-ratio", "--tst-superposition-iters", "--tst-weighting")
+TST_FLAGS = ("--tst-bag-size", "--tst-superposition-ratio", "--tst-superposition-iters", "--tst-sample-layout",
+             "--tst-weighting")
 
 
 def _megatron_lm_arity() -> dict:
@@ -241,6 +242,11 @@ def _add_tst_args(parser):
     g.add_argument("--tst-superposition-ratio", type=float,
                    help="r: fraction of all steps trained with superposition, in [0, 1) (paper: 0.2..0.4)")
     g.add_argument("--tst-superposition-iters", type=int, help="superposition steps (instead of a ratio)")
+    g.add_argument("--tst-sample-layout", choices=["contiguous", "segments"],
+                   help="what a superposition row is: 'contiguous' (default; the paper's: one window of s*L "
+                        "contiguous raw tokens) or 'segments' (s consecutive samples of Megatron's shuffled "
+                        "dataset, s unrelated windows of L tokens: a deviation from the paper that keeps a stock "
+                        "Megatron-LM baseline's sample order)")
     g.add_argument("--tst-weighting", default="uniform", choices=["uniform", "power", "exp", "first"])
 
 
@@ -538,14 +544,15 @@ def data_prefixes(paths: Optional[Sequence[str]]) -> List[str]:
 def _validate_tst_args(args) -> None:
     from megatron_tst.config import TSTConfig
 
-    given = [f for f in TST_FLAGS[:3] if getattr(args, f[2:].replace("-", "_")) is not None]
+    given = [f for f in TST_FLAGS[:4] if getattr(args, f[2:].replace("-", "_")) is not None]
     if not given:
         args.tst = None
         return
     if args.tst_bag_size is None:
         raise ValueError(f"{' '.join(given)} needs --tst-bag-size")
     args.tst = TSTConfig(bag_size=args.tst_bag_size, superposition_ratio=args.tst_superposition_ratio,
-                         superposition_iters=args.tst_superposition_iters, weighting=args.tst_weighting)
+                         superposition_iters=args.tst_superposition_iters, weighting=args.tst_weighting,
+                         sample_layout=args.tst_sample_layout or "contiguous")
     args.tst_superposition_steps = args.tst.superposition_steps(args.train_iters)
     args.tst.check_layout(args.seq_length, tensor_parallel_size=args.tensor_model_parallel_size,
                           sequence_parallel=args.sequence_parallel, context_parallel_size=args.context_parallel_size,

@@ -1,13 +1,34 @@
 """Data for both phases from Megatron-Core's datasets, with the baseline sample index as the unit of progress.
 
-The train dataset is Megatron's `GPTDataset` (via `BlendedMegatronDatasetBuilder`: blends, splits, caching),
-whose sample k is L+1 tokens (tokens = first L, labels = last L). A baseline step reads G consecutive samples
-(G = global batch); a superposition step reads G superposed rows, row q being the s consecutive samples
-[c + q*s, c + q*s + s) concatenated (s*L tokens, s segments). So across the whole run the consumed samples
-are 0, 1, 2, ... in order, exactly the stream a baseline run of the same dataset reads: nothing is repeated
-or skipped at the switch or at a resume, and progress is `consumed_train_samples` (baseline samples), as in
-Megatron-LM. Within a step, micro-batch j of data-parallel rank r holds rows
-j*mbs*dp + r*mbs + [0, mbs), Megatron-LM's pretraining sampler order.
+The stream invariant (kept here; tested by tests/test_sample_layout.py and tests/test_pretrain_e2e.py):
+
+    A run reads one *block stream* B_0, B_1, B_2, ... of windows of Megatron's train dataset, and its baseline
+    sample k is the k-th piece of L tokens (+1 label) of that stream. Baseline step n reads samples
+    [c_n, c_n + G), a superposition step [c_n, c_n + s*G) (G = --global-batch-size, c_n =
+    `consumed_train_samples` before the step). So across the superposition phase, the switch, the recovery
+    phase and any resume, the raw tokens trained on are a prefix of the block stream, each once, none skipped;
+    and a run with the same data flags and `--tst-superposition-ratio 0` (the baseline of the comparison)
+    reads the same stream sample by sample.
+
+What a window is depends on the sample layout (`SamplePlan.samples_per_window`):
+
+* "contiguous" (default, the paper's Listing 1, TSTConfig.sample_layout): the train dataset is Megatron's
+  `GPTDataset` built with sequence length s*L (through `BlendedMegatronDatasetBuilder`: blends, splits,
+  caching all Megatron's). Its sample j is s*L + 1 contiguous tokens of the document stream; Megatron's
+  shuffle index shuffles these windows, so blocks of s consecutive L-samples are shuffled as wholes, and in
+  a blend each window (block) comes from one dataset of the blend. A superposition row is one window: bags
+  `tokens.view(b, L, s)`, the extra token the last bag's one real target. Baseline sample k is tokens
+  [(k % s)*L, (k % s + 1)*L + 1) of window k // s: exactly the L-sample that Megatron's unshuffled sample
+  index puts there (sample k+1 starts with the token that ends sample k). Documents are packed as Megatron
+  packs them: a window may span documents; EOD is an ordinary token (`--eod-mask-loss` drops, as in
+  Megatron, the targets of positions whose input is EOD).
+* "segments" (or no TST: s = 1): the train dataset is Megatron's stock `GPTDataset` of sequence length L
+  (Megatron-LM's own sample order); a superposition row is the s consecutive samples
+  [c + q*s, c + q*s + s), s unrelated windows of L tokens whose targets never cross a segment boundary.
+
+Superposition steps start at a multiple of s (the phase comes first), so rows always align with windows.
+Within a step, micro-batch j of data-parallel rank r holds rows j*mbs*dp + r*mbs + [0, mbs), Megatron-LM's
+pretraining sampler order.
 """
 
 from __future__ import annotations
@@ -26,12 +47,34 @@ from megatron_tst.superposition import make_superposition_batch
 
 @dataclasses.dataclass(frozen=True)
 class SamplePlan:
-    """How many baseline samples each step consumes, phase by phase."""
+    """How many baseline samples each step consumes, phase by phase, and how they sit in the train dataset.
+
+    `sample_layout` is TSTConfig.sample_layout ("contiguous" | "segments"); it matters only with bag_size > 1.
+    """
 
     global_batch_size: int
     train_iters: int
     bag_size: int = 1
     superposition_steps: int = 0
+    sample_layout: str = "contiguous"
+
+    @property
+    def samples_per_window(self) -> int:
+        """Baseline samples per sample of the train dataset: s for the contiguous layout, else 1."""
+        return self.bag_size if self.sample_layout == "contiguous" else 1
+
+    def window_length(self, seq_length: int) -> int:
+        """The sequence length (tokens, without the extra label token) of the train dataset's samples."""
+        return self.samples_per_window * seq_length
+
+    def dataset_samples(self, baseline_samples: int) -> int:
+        """Samples of the train dataset that hold `baseline_samples` baseline samples."""
+        return -(-baseline_samples // self.samples_per_window)
+
+    def stream(self) -> dict:
+        """What a checkpoint records about the stream it consumed (see `check_stream_continuation`)."""
+        return {"sample_layout": self.sample_layout if self.bag_size > 1 else None,
+                "samples_per_window": self.samples_per_window}
 
     def phase_at(self, iteration: int) -> Phase:
         """Phase of the step that starts after `iteration` completed steps."""
@@ -47,6 +90,37 @@ class SamplePlan:
 
     def total_samples(self) -> int:
         return self.samples_before(self.train_iters)
+
+
+def check_stream_continuation(checkpoint_stream: Optional[dict], plan: SamplePlan, consumed_samples: int,
+                              where: str = "the checkpoint") -> None:
+    """Refuse (SystemExit) to continue a checkpoint's data stream with a run that reads another stream.
+
+    `checkpoint_stream` is `SamplePlan.stream()` of the run that wrote the checkpoint (None: a checkpoint
+    written before the sample layouts existed, or by Megatron-LM: both read Megatron's stock L-samples, i.e.
+    samples_per_window 1). A run that consumed nothing continues anything. The way forward is named.
+    """
+    if consumed_samples == 0:
+        return
+    saved = checkpoint_stream or {"sample_layout": None, "samples_per_window": 1}
+    saved_window, window = int(saved.get("samples_per_window", 1)), plan.samples_per_window
+    if saved_window == window:
+        return
+    def describe(n):
+        if n == 1:
+            return ("Megatron's stock samples of --seq-length tokens (no TST, --tst-sample-layout segments, or a "
+                    "checkpoint written by Megatron-LM or before megatron-tst had sample layouts)")
+        return f"contiguous windows of {n} x --seq-length tokens (--tst-sample-layout contiguous with --tst-bag-size {n})"
+
+    if saved_window == 1:
+        forward = "add --tst-sample-layout segments to continue that stream exactly"
+    else:
+        forward = (f"continue with --tst-sample-layout contiguous and --tst-bag-size {saved_window} (the saving run's "
+                   "data flags)")
+    raise SystemExit(
+        f"error: {where} consumed {consumed_samples} samples of {describe(saved_window)}, but this run would read "
+        f"{describe(window)}: the data stream cannot be continued exactly (tokens would be repeated or skipped). "
+        f"{forward[0].upper() + forward[1:]}, or start the data over on these weights with --finetune.")
 
 
 def validate_data_files(prefixes: List[str], vocab_size: int, max_tokens_checked: int = 50_000_000) -> None:
@@ -81,8 +155,12 @@ def _blend(paths):
     return get_blend_from_list(list(paths)) if paths else None
 
 
-def build_datasets(args, tokenizer, sizes: List[int], is_built_on_rank):
-    """(train, valid, test) GPTDatasets of at least `sizes` samples, through Megatron-Core's builder."""
+def build_datasets(args, tokenizer, sizes: List[int], is_built_on_rank, sequence_length: Optional[int] = None):
+    """(train, valid, test) GPTDatasets of at least `sizes` samples, through Megatron-Core's builder.
+
+    `sequence_length` (default --seq-length) is the datasets' sample length in tokens (each sample carries one
+    more token for its labels): s*L for the contiguous layout's windows (`SamplePlan.window_length`).
+    """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
@@ -90,7 +168,7 @@ def build_datasets(args, tokenizer, sizes: List[int], is_built_on_rank):
     if args.train_data_path or args.valid_data_path or args.test_data_path:
         per_split = [_blend(args.train_data_path), _blend(args.valid_data_path), _blend(args.test_data_path)]
     config = GPTDatasetConfig(
-        random_seed=args.seed, sequence_length=args.seq_length,
+        random_seed=args.seed, sequence_length=sequence_length or args.seq_length,
         blend=None if per_split else _blend(args.data_path), blend_per_split=per_split,
         split=None if per_split else args.split, path_to_cache=args.data_cache_path, tokenizer=tokenizer,
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=args.eod_mask_loss,
@@ -126,10 +204,24 @@ def _split_is_empty(config, split: int) -> bool:
 
 
 class _Rows(torch.utils.data.Dataset):
-    """Row q of a stream = baseline samples first + q*s ... first + q*s + s - 1, concatenated."""
+    """Rows of a stream that starts at baseline sample `first_sample`, `bag_size` baseline samples per row.
 
-    def __init__(self, dataset, first_sample: int, bag_size: int):
+    `samples_per_window` w: baseline samples per dataset sample (module docstring). w = 1: row q is dataset
+    samples first + q*s ... first + q*s + s - 1, concatenated (s segments). w = s = bag_size: row q is dataset
+    sample first/s + q, one contiguous window. w > 1, bag_size 1: row q is baseline sample k = first + q,
+    tokens [(k % w)*L, (k % w + 1)*L] (inclusive: the label token) of dataset sample k // w.
+    """
+
+    def __init__(self, dataset, first_sample: int, bag_size: int, samples_per_window: int = 1,
+                 seq_length: Optional[int] = None):
+        if samples_per_window > 1 and bag_size not in (1, samples_per_window):
+            raise ValueError(f"rows of {bag_size} samples cannot be cut from windows of {samples_per_window}")
+        if samples_per_window > 1 and bag_size > 1 and first_sample % samples_per_window:
+            raise ValueError(f"a superposition stream must start at a window boundary (a multiple of "
+                             f"{samples_per_window} baseline samples), not at sample {first_sample}")
         self.dataset, self.first_sample, self.bag_size = dataset, first_sample, bag_size
+        self.window, self.seq_length = samples_per_window, seq_length
+        self._cached = (None, None)  # (window index, its fields): recovery reads a window w times in a row
 
     def __len__(self):
         return len(self.dataset)
@@ -138,11 +230,25 @@ class _Rows(torch.utils.data.Dataset):
         start = self.first_sample + row * self.bag_size
         return list(range(start, start + self.bag_size))
 
+    def _fields(self, index: int) -> dict:
+        if self._cached[0] != index:
+            sample = self.dataset[index]
+            self._cached = (index, {key: torch.as_tensor(sample[key]) for key in ("tokens", "labels", "loss_mask")})
+        return self._cached[1]
+
     def __getitem__(self, row: int) -> dict:
-        samples = [self.dataset[i] for i in self.sample_ids(row)]
-        out = {key: torch.cat([torch.as_tensor(s[key]) for s in samples])
-               for key in ("tokens", "labels", "loss_mask")}
-        out["sample_ids"] = torch.tensor(self.sample_ids(row))
+        ids = self.sample_ids(row)
+        if self.window == 1:
+            samples = [self._fields(i) for i in ids]
+            out = {key: torch.cat([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+        elif self.bag_size > 1:  # one whole window
+            out = dict(self._fields(ids[0] // self.window))
+        else:  # one L-piece of a window
+            piece = ids[0] % self.window
+            window = self._fields(ids[0] // self.window)
+            cut = slice(piece * self.seq_length, (piece + 1) * self.seq_length)
+            out = {key: value[cut] for key, value in window.items()}
+        out["sample_ids"] = torch.tensor(ids)
         return out
 
 
@@ -169,6 +275,7 @@ class _Collate:
     bag_size: int
     seq_length: int
     ignore_index: int
+    contiguous: bool = False  # rows are one window each (no segment boundaries inside a row)
 
     def __call__(self, rows: List[dict]) -> dict:
         tokens = torch.stack([r["tokens"] for r in rows]).long()
@@ -177,7 +284,8 @@ class _Collate:
         sample_ids = torch.stack([r["sample_ids"] for r in rows])
         if self.bag_size > 1:
             batch = make_superposition_batch(tokens, labels, loss_mask, self.bag_size,
-                                             segment_length=self.seq_length, ignore_index=self.ignore_index)
+                                             segment_length=None if self.contiguous else self.seq_length,
+                                             ignore_index=self.ignore_index)
         else:
             positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous()
             batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": positions}
@@ -187,18 +295,22 @@ class _Collate:
 
 def micro_batches(dataset, *, first_sample: int, num_steps: int, bag_size: int, global_batch_size: int,
                   micro_batch_size: int, dp_rank: int, dp_size: int, seq_length: int, ignore_index: int = -100,
-                  num_workers: int = 0) -> Iterator[dict]:
+                  num_workers: int = 0, samples_per_window: int = 1) -> Iterator[dict]:
     """This DP rank's micro-batches for `num_steps` steps starting at baseline sample `first_sample`.
 
+    `dataset` holds windows of `samples_per_window` baseline samples of `seq_length` (L) tokens each
+    (`SamplePlan.samples_per_window`: s for the contiguous layout, whose superposition rows are one window
+    each; 1 for Megatron's stock samples, whose superposition rows are s segments).
     bag_size 1 gives stock micro-batches ({tokens, labels, loss_mask, position_ids} [mbs, L]); bag_size s > 1
     gives superposition micro-batches (superposition.make_superposition_batch of [mbs, s*L] rows). Every
     micro-batch also carries `sample_ids` [mbs, s] (the baseline samples it holds), which `strip_bookkeeping`
-    removes before the model sees it.
+    removes before the model sees it. Raises ValueError for rows that do not fit the windows.
     """
     loader = torch.utils.data.DataLoader(
-        _Rows(dataset, first_sample, bag_size),
+        _Rows(dataset, first_sample, bag_size, samples_per_window, seq_length),
         batch_sampler=_StepSampler(num_steps, global_batch_size, micro_batch_size, dp_rank, dp_size),
-        collate_fn=_Collate(bag_size, seq_length, ignore_index), num_workers=num_workers,
+        collate_fn=_Collate(bag_size, seq_length, ignore_index, contiguous=samples_per_window > 1),
+        num_workers=num_workers,
         pin_memory=torch.cuda.is_available(), persistent_workers=False,
         # Its own generator: a loader must not draw from the global RNG (dropout's stream), or creating one
         # at a resume or at the phase switch would shift that stream.
