@@ -13,7 +13,22 @@ are Megatron's vocab-parallel CE's: an all-reduce MAX of the row max, and an all
 the sum of exponentials and the weighted target-logit sum (each rank adds the targets in its vocab range).
 Full-vocab logits are never gathered. Backward needs no communication.
 
-This module knows nothing of training: it maps logits and targets to per-position losses.
+Two entry points share the same factored forward steps (`_global_row_max`, `_weighted_target_logit`,
+`_sum_exp_and_target_logit`, `_logit_gradient`):
+
+- `vocab_parallel_multi_hot_cross_entropy(logits, targets)`: the loss over logits the output layer made;
+- `fused_linear_vocab_parallel_multi_hot_cross_entropy(hidden, weight, targets)`: the output layer and the
+  loss fused, in chunks of positions: only a chunk's logits exist at a time, backward keeps the per-position
+  logsumexp and recomputes each chunk's logits (the idea of Liger-Kernel's and Apple's Cut Cross-Entropy
+  fused linear cross-entropy, here vocab-parallel, sequence-parallel and multi-target).
+
+`tp_group=None` means "not sharded" in both (never an implicit global group). The checks that need the
+values of the targets or a collective (target ids inside the vocabulary, equal shard widths across the
+group) run only with `validate=True`, the default for direct callers; the model's loss path passes
+`validate=False` so that no micro-batch waits on a host-device synchronisation.
+
+This module knows nothing of training: it maps logits (or hidden states and the output weight) and targets
+to per-position losses.
 """
 
 from __future__ import annotations
@@ -72,19 +87,21 @@ def positions_with_targets(targets: torch.Tensor, ignore_index: int = -100) -> t
     return (targets != ignore_index).any(dim=-1)
 
 
-def _tp_rank_and_size(tp_group):
-    """(group, rank, size) of the vocab-sharding group; size 1 when nothing is sharded."""
-    if tp_group is None:
-        try:
-            from megatron.core import parallel_state
 
-            if parallel_state.model_parallel_is_initialized():
-                tp_group = parallel_state.get_tensor_model_parallel_group()
-        except ImportError:  # pragma: no cover - megatron-core is a hard dependency
-            pass
-    if tp_group is None or not dist.is_initialized():
+def _tp_rank_and_size(tp_group):
+    """(group, rank, size) of the vocab-sharding group; (None, 0, 1) when `tp_group` is None (not sharded)."""
+    if tp_group is None:
         return None, 0, 1
+    if not dist.is_initialized():
+        raise ValueError("tp_group was given but torch.distributed is not initialised")
     return tp_group, dist.get_rank(tp_group), dist.get_world_size(tp_group)
+
+
+def _check_targets(targets: torch.Tensor) -> None:
+    if targets.shape[-1] < 1:
+        raise ValueError("targets must hold at least one target per position (bag size s >= 1)")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
 
 
 def _validate(logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -95,12 +112,99 @@ def _validate(logits: torch.Tensor, targets: torch.Tensor) -> None:
             f"targets must be [L, b, s] matching logits [L, b, V/tp] = {tuple(logits.shape)}, "
             f"got shape {tuple(targets.shape)}"
         )
-    if targets.shape[-1] < 1:
-        raise ValueError("targets must hold at least one target per position (bag size s >= 1)")
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
+    _check_targets(targets)
     if not logits.dtype.is_floating_point:
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
+
+
+def _check_values(targets, ignore_index, vocab_local, tp_group, tp_size, what) -> None:
+    """Host-synchronising checks (validate=True only): equal shard widths across the group, ids in range."""
+    if tp_size > 1:
+        width = torch.tensor([vocab_local, -vocab_local], dtype=torch.int64, device=targets.device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX, group=tp_group)
+        max_width, neg_min_width = width.tolist()
+        if max_width != vocab_local or -neg_min_width != vocab_local:
+            raise ValueError(
+                f"{what} not vocab-sharded as the TP group says: this rank holds {vocab_local} vocab entries, "
+                f"others hold between {-neg_min_width} and {max_width} (pass the group the vocabulary is "
+                f"sharded over as tp_group, or tp_group=None for unsharded {what})"
+            )
+    vocab_size = vocab_local * tp_size
+    valid = targets != ignore_index
+    out_of_range = valid & ((targets < 0) | (targets >= vocab_size))
+    if bool(out_of_range.any()):
+        bad = targets[out_of_range][0].item()
+        raise ValueError(
+            f"target id {bad} is outside the vocabulary [0, {vocab_size}) implied by {what} of width "
+            f"{vocab_local} at TP={tp_size} (ignore_index is {ignore_index})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The factored steps, shared by the unfused and the fused loss. Positions are flattened or not: every step
+# works on the last dimension (vocabulary shard, or bag slots) and keeps the leading ones.
+
+
+def _shard_targets(targets, weighting, ignore_index, vocab_start, vocab_local, dtype):
+    """This shard's view of the targets [..., s]: (local_index, local_weights, has_target).
+
+    local_index: int64 [..., s], the target's column in this vocab shard (0 where not local);
+    local_weights: [..., s] in `dtype`, the normalised weight w_j where the target lives in this shard, else 0;
+    has_target: bool [...], positions with at least one valid target (on every rank).
+    """
+    valid = targets != ignore_index
+    weights = target_weights(valid, weighting, dtype=dtype)
+    is_local = valid & (targets >= vocab_start) & (targets < vocab_start + vocab_local)
+    local_index = torch.where(is_local, targets - vocab_start, torch.zeros_like(targets))
+    return local_index, weights * is_local, valid.any(dim=-1)
+
+
+def _global_row_max(logits, tp_group, tp_size):
+    """Step 1: the row max over the full vocabulary [...] (local max, then all-reduce MAX over the group)."""
+    row_max = logits.amax(dim=-1)
+    if tp_size > 1:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+    return row_max
+
+
+def _weighted_target_logit(shifted, local_index, local_weights):
+    """Step 2: this shard's part of sum_j w_j * z[y_j] [...], from logits already shifted by the row max."""
+    return (shifted.gather(-1, local_index) * local_weights).sum(dim=-1)
+
+
+def _sum_exp_and_target_logit(shifted, target_logit, tp_group, tp_size):
+    """Step 3: exponentiate `shifted` in place and reduce (sum exp, target logit) over the group in ONE
+    all-reduce SUM. Returns (sum_exp, target_logit); log(sum_exp) + row_max is the logsumexp."""
+    shifted.exp_()
+    sum_exp = shifted.sum(dim=-1)
+    if tp_size > 1:
+        packed = torch.stack([sum_exp, target_logit])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
+        sum_exp, target_logit = packed[0], packed[1]
+    return sum_exp, target_logit
+
+
+def _position_loss(sum_exp, target_logit, has_target):
+    """log(sum exp(z - m)) - sum_j w_j (z_j - m) = logsumexp(z) - sum_j w_j z_j (since sum_j w_j = 1); 0 where
+    a position has no valid target."""
+    return torch.where(has_target, torch.log(sum_exp) - target_logit, torch.zeros_like(sum_exp))
+
+
+def _logit_gradient(probs, local_index, local_weights, has_target, grad_loss):
+    """In place: softmax [..., V/tp] -> (softmax - sum_j w_j onehot(y_j)) * grad_loss, zero where no target."""
+    probs.scatter_add_(-1, local_index, -local_weights)
+    scale = torch.where(has_target, grad_loss.to(probs.dtype), torch.zeros_like(grad_loss, dtype=probs.dtype))
+    probs.mul_(scale.unsqueeze(-1))
+    return probs
+
+
+def _compute_dtype(dtype):
+    """float64 stays float64 (verification, gradcheck); everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The MCE over logits
 
 
 class _VocabParallelMultiHotCrossEntropy(torch.autograd.Function):
@@ -108,57 +212,19 @@ class _VocabParallelMultiHotCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets, weighting, ignore_index, tp_group, inplace):
         tp_group, tp_rank, tp_size = _tp_rank_and_size(tp_group)
         vocab_local = logits.shape[-1]
-        vocab_start = tp_rank * vocab_local
-
-        # float64 stays float64 (gradcheck); everything else is computed in float32.
-        compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        compute_dtype = _compute_dtype(logits.dtype)
         if inplace and logits.dtype == compute_dtype:
             probs = logits.detach()  # reuse the caller's buffer, as Megatron's CE does
         else:
             probs = logits.detach().to(compute_dtype, copy=True)
 
-        # Row max over the full vocabulary. Two extra slots ride on the same all-reduce to check that
-        # every rank holds the same vocab shard width (logits sharded as the TP group says).
-        row_max = probs.amax(dim=-1)
-        if tp_size > 1:
-            width = torch.tensor([vocab_local, -vocab_local], dtype=compute_dtype, device=probs.device)
-            packed = torch.cat([row_max.reshape(-1), width])
-            dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=tp_group)
-            row_max = packed[:-2].view_as(row_max)
-            max_width, neg_min_width = packed[-2:].tolist()
-            if max_width != vocab_local or -neg_min_width != vocab_local:
-                raise ValueError(
-                    f"logits are not vocab-sharded as the TP group says: this rank holds {vocab_local} "
-                    f"vocab entries, others hold between {-neg_min_width:.0f} and {max_width:.0f}"
-                )
+        local_index, local_weights, has_target = _shard_targets(
+            targets, weighting, ignore_index, tp_rank * vocab_local, vocab_local, compute_dtype)
+        row_max = _global_row_max(probs, tp_group, tp_size)
         probs.sub_(row_max.unsqueeze(-1))
-
-        valid = targets != ignore_index
-        vocab_size = vocab_local * tp_size
-        out_of_range = valid & ((targets < 0) | (targets >= vocab_size))
-        if bool(out_of_range.any()):
-            bad = targets[out_of_range][0].item()
-            raise ValueError(
-                f"target id {bad} is outside the vocabulary [0, {vocab_size}) implied by logits of width "
-                f"{vocab_local} at TP={tp_size} (ignore_index is {ignore_index})"
-            )
-        weights = target_weights(valid, weighting, dtype=compute_dtype)
-        is_local = valid & (targets >= vocab_start) & (targets < vocab_start + vocab_local)
-        local_index = torch.where(is_local, targets - vocab_start, torch.zeros_like(targets))
-        local_weights = weights * is_local
-        # sum_j w_j * (z[y_j] - max) over the targets that live in this rank's vocab range.
-        target_logit = (probs.gather(-1, local_index) * local_weights).sum(dim=-1)
-
-        probs.exp_()
-        sum_exp = probs.sum(dim=-1)
-        if tp_size > 1:
-            packed = torch.stack([sum_exp, target_logit])
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
-            sum_exp, target_logit = packed[0], packed[1]
-
-        has_target = valid.any(dim=-1)
-        # log(sum exp(z - m)) - sum_j w_j (z_j - m) = logsumexp(z) - sum_j w_j z_j, since sum_j w_j = 1.
-        loss = torch.where(has_target, torch.log(sum_exp) - target_logit, torch.zeros_like(sum_exp))
+        target_logit = _weighted_target_logit(probs, local_index, local_weights)
+        sum_exp, target_logit = _sum_exp_and_target_logit(probs, target_logit, tp_group, tp_size)
+        loss = _position_loss(sum_exp, target_logit, has_target)
         probs.div_(sum_exp.unsqueeze(-1))
 
         ctx.save_for_backward(probs, local_index, local_weights, has_target)
@@ -171,9 +237,7 @@ class _VocabParallelMultiHotCrossEntropy(torch.autograd.Function):
         # The softmax buffer becomes the gradient in place, as in Megatron's CE: no new logits-sized
         # buffer, but the graph can be differentiated once. float64 (verification, gradcheck) keeps it.
         grad = probs.clone() if probs.dtype == torch.float64 else probs
-        grad.scatter_add_(-1, local_index, -local_weights)
-        scale = torch.where(has_target, grad_loss.to(grad.dtype), torch.zeros_like(grad_loss, dtype=grad.dtype))
-        grad.mul_(scale.unsqueeze(-1))
+        _logit_gradient(grad, local_index, local_weights, has_target, grad_loss)
         return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 
@@ -185,6 +249,7 @@ def vocab_parallel_multi_hot_cross_entropy(
     weighting: str = "uniform",
     tp_group: Optional[dist.ProcessGroup] = None,
     inplace: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Multi-hot cross-entropy over vocab-sharded logits.
 
@@ -195,21 +260,252 @@ def vocab_parallel_multi_hot_cross_entropy(
         ignore_index: the id of ignored targets.
         weighting: within-bag weighting, one of "uniform" (default), "power" (1/i), "exp" (exp(-i)),
             "first" (the earliest valid target only).
-        tp_group: the tensor-parallel group the vocabulary is sharded over; None takes Megatron's TP
-            group when parallel_state is initialised, else no sharding.
+        tp_group: the tensor-parallel group the vocabulary is sharded over (the model passes its
+            `pg_collection.tp`); None: the logits hold the whole vocabulary (no collectives).
         inplace: reuse float32 logits as the softmax and then gradient buffer, exactly as Megatron's
             `vocab_parallel_cross_entropy` always does: saves one logits-sized float32 buffer, but the
             logits tensor is overwritten. The model's loss path sets it; leave it off otherwise.
+        validate: check target ids against the vocabulary and the shard width against the group (a
+            host-device synchronisation and one extra all-reduce); the model's path turns it off.
 
     Returns:
-        [L, b] per-position loss in float32 (float64 for float64 logits): the weighted mean over the position's valid targets of
-        -log softmax(z)[y_j]; 0 where a position has no valid target (see `positions_with_targets`).
+        [L, b] per-position loss in float32 (float64 for float64 logits): the weighted mean over the
+        position's valid targets of -log softmax(z)[y_j]; 0 where a position has no valid target
+        (see `positions_with_targets`). Same collectives as Megatron's `vocab_parallel_cross_entropy`
+        (megatron/core/tensor_parallel/cross_entropy.py): all-reduce MAX, then one all-reduce SUM.
 
     Raises:
-        ValueError: wrong shapes or dtypes, an unknown weighting, target ids outside the vocabulary,
-            or logits whose shard width differs across the TP group.
+        ValueError: wrong shapes or dtypes, an unknown weighting; with `validate`, target ids outside the
+            vocabulary or logits whose shard width differs across the TP group.
     """
     _validate(logits, targets)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown TST weighting {weighting!r}; choose one of {WEIGHTINGS}")
+    if validate:
+        group, _, tp_size = _tp_rank_and_size(tp_group)
+        _check_values(targets, ignore_index, logits.shape[-1], group, tp_size, "logits")
     return _VocabParallelMultiHotCrossEntropy.apply(logits, targets, weighting, ignore_index, tp_group, inplace)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The output layer and the MCE fused, in chunks of positions
+
+#: Default budget of one chunk's float32 logits shard, in bytes (see `default_chunk_size`).
+CHUNK_LOGITS_BYTES = 64 * 2**20
+
+
+def default_chunk_size(vocab_local: int, positions: int) -> int:
+    """Positions per chunk when `chunk_size=None`: as many as keep one chunk's float32 logits shard
+    [chunk, V/tp] within `CHUNK_LOGITS_BYTES` (64 MiB: 128 positions at V/tp = 131,072), at least 16, at
+    most all `positions`. Chosen with tools/bench_mce.py (README: "The fused output layer and loss")."""
+    return max(1, min(positions, max(16, CHUNK_LOGITS_BYTES // (4 * max(1, vocab_local)))))
+
+
+# torch >= 2.13 names the tensor collectives *_single (the old names warn); same semantics.
+_all_gather_rows = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _gather_rows(rows_local, tp_group, tp_size):
+    """[n, h] on each rank -> [tp * n, h], rank-major (Megatron's sequence-parallel all-gather, first dim)."""
+    out = rows_local.new_empty((tp_size * rows_local.shape[0],) + tuple(rows_local.shape[1:]))
+    _all_gather_rows(out, rows_local.contiguous(), group=tp_group)
+    return out
+
+
+def _reduce_scatter_rows(rows, tp_group, tp_size):
+    """[tp * n, h] partial sums on each rank -> this rank's [n, h] block of their sum (reduce-scatter)."""
+    out = rows.new_empty((rows.shape[0] // tp_size,) + tuple(rows.shape[1:]))
+    _reduce_scatter(out, rows.contiguous(), op=dist.ReduceOp.SUM, group=tp_group)
+    return out
+
+
+def _gemm_dtype(dtype, device, compute_dtype):
+    """The operand dtype of the fused path's GEMMs. On GPUs the inputs' own (bf16/fp16 tensor-core GEMMs,
+    float32 accumulation); on CPUs, which have no fast half-precision GEMM (here 3.5x slower than float32),
+    the float32 compute dtype: the weight is cast once per call, each chunk's hidden rows as they are used."""
+    return dtype if device.type != "cpu" else compute_dtype
+
+
+def _mm(a, b, out_dtype):
+    """a @ b with the result in `out_dtype` (float32): directly from the GEMM's float32 accumulator where
+    torch has it (`out_dtype=`, CUDA), else the GEMM's output cast."""
+    if a.dtype == out_dtype:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=out_dtype)
+        except (TypeError, RuntimeError, NotImplementedError):  # older torch / unsupported dtype
+            pass
+    return torch.mm(a, b).to(out_dtype)
+
+
+class _FusedLinearVocabParallelMultiHotCrossEntropy(torch.autograd.Function):
+    """hidden [N_local, h], weight [V/tp, h], per-position targets [N, s] -> loss [N] (see the public function).
+
+    Under sequence parallelism the N positions are rank-major: rank r holds rows [r*N_local, (r+1)*N_local),
+    and chunk k of every rank's rows is gathered at once, so a chunk covers tp*n positions.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weighting, ignore_index, tp_group, sequence_parallel, chunk_size):
+        tp_group, tp_rank, tp_size = _tp_rank_and_size(tp_group)
+        sp = sequence_parallel and tp_size > 1
+        spread = tp_size if sp else 1
+        n_local, vocab_local = hidden.shape[0], weight.shape[0]
+        compute_dtype = _compute_dtype(hidden.dtype)
+        gemm_dtype = _gemm_dtype(hidden.dtype, hidden.device, compute_dtype)
+        local_index, local_weights, has_target = _shard_targets(
+            targets, weighting, ignore_index, tp_rank * vocab_local, vocab_local, compute_dtype)
+        step = max(1, -(-chunk_size // spread))  # local rows per chunk
+        weight_t = weight.detach().to(gemm_dtype).t()
+        loss = torch.empty(spread, n_local, dtype=compute_dtype, device=hidden.device)
+        logsumexp = torch.empty(spread, n_local, dtype=compute_dtype, device=hidden.device)
+        index_r, weights_r, has_r = (t.view((spread, n_local) + tuple(t.shape[1:]))
+                                     for t in (local_index, local_weights, has_target))
+        with torch.no_grad():
+            for start in range(0, n_local, step):
+                stop = min(n_local, start + step)
+                rows = _gather_rows(hidden[start:stop], tp_group, tp_size) if sp else hidden[start:stop]
+                logits = _mm(rows.to(gemm_dtype), weight_t, compute_dtype)  # [spread*n, V/tp]
+                row_max = _global_row_max(logits, tp_group, tp_size)
+                logits.sub_(row_max.unsqueeze(-1))
+                chunk_index = index_r[:, start:stop].reshape(logits.shape[0], -1)
+                chunk_weights = weights_r[:, start:stop].reshape(logits.shape[0], -1)
+                target_logit = _weighted_target_logit(logits, chunk_index, chunk_weights)
+                sum_exp, target_logit = _sum_exp_and_target_logit(logits, target_logit, tp_group, tp_size)
+                chunk_has = has_r[:, start:stop].reshape(-1)
+                loss[:, start:stop] = _position_loss(sum_exp, target_logit, chunk_has).view(spread, -1)
+                logsumexp[:, start:stop] = (row_max + torch.log(sum_exp)).view(spread, -1)
+                del logits
+        ctx.save_for_backward(hidden, weight, local_index, local_weights, has_target, logsumexp.view(-1))
+        ctx.tp_group, ctx.tp_size, ctx.sp, ctx.step = tp_group, tp_size, sp, step
+        ctx.compute_dtype, ctx.gemm_dtype = compute_dtype, gemm_dtype
+        return loss.view(-1)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, local_index, local_weights, has_target, logsumexp = ctx.saved_tensors
+        tp_group, tp_size, sp, step = ctx.tp_group, ctx.tp_size, ctx.sp, ctx.step
+        compute_dtype, gemm_dtype = ctx.compute_dtype, ctx.gemm_dtype
+        spread = tp_size if sp else 1
+        n_local = hidden.shape[0]
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        # The weight gradient accumulates over chunks in float32 (float64 for verification).
+        grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device) if want_weight else None
+        weight_g = weight.to(gemm_dtype)
+        index_r, weights_r, has_r, lse_r, grad_r = (
+            t.reshape((spread, n_local) + tuple(t.shape[1:]))
+            for t in (local_index, local_weights, has_target, logsumexp, grad_loss))
+        for start in range(0, n_local, step):
+            stop = min(n_local, start + step)
+            rows = _gather_rows(hidden[start:stop], tp_group, tp_size) if sp else hidden[start:stop]
+            rows = rows.to(gemm_dtype)
+            n = rows.shape[0]
+            logits = _mm(rows, weight_g.t(), compute_dtype)
+            probs = logits.sub_(lse_r[:, start:stop].reshape(n, 1)).exp_()  # the softmax, from the saved lse
+            grad_logits = _logit_gradient(
+                probs, index_r[:, start:stop].reshape(n, -1), weights_r[:, start:stop].reshape(n, -1),
+                has_r[:, start:stop].reshape(n), grad_r[:, start:stop].reshape(n)).to(gemm_dtype)
+            del logits, probs
+            if want_hidden:
+                partial = _mm(grad_logits, weight_g, compute_dtype).to(hidden.dtype)  # this shard's part [n, h]
+                grad_hidden[start:stop] = _reduce_scatter_rows(partial, tp_group, tp_size) if sp else partial
+            if want_weight:
+                if grad_logits.dtype == compute_dtype:
+                    grad_weight.addmm_(grad_logits.t(), rows)
+                else:
+                    grad_weight += _mm(grad_logits.t(), rows, compute_dtype)
+        if want_hidden and tp_size > 1 and not sp:
+            # The hidden states were replicated over the group: their gradient sums every vocab shard's part,
+            # as ColumnParallelLinear's backward all-reduces it (megatron/core/tensor_parallel/layers.py).
+            dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=tp_group)
+        if want_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def fused_linear_vocab_parallel_multi_hot_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    weighting: str = "uniform",
+    tp_group: Optional[dist.ProcessGroup] = None,
+    sequence_parallel: bool = False,
+    chunk_size: Optional[int] = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """The output layer and the multi-hot cross-entropy fused: per-position loss from hidden states.
+
+    Equals `vocab_parallel_multi_hot_cross_entropy(hidden @ weight.T, targets)` (with the hidden states gathered
+    over the group first under sequence parallelism) without ever holding the logits of more than one chunk
+    of positions: the forward keeps only the logsumexp per position, the backward recomputes each chunk's
+    logits from it. Collectives per chunk are the MCE's (all-reduce MAX, one all-reduce SUM), plus, under
+    sequence parallelism, the all-gather of the chunk's hidden states (forward and backward) and the
+    reduce-scatter of their gradient, as Megatron's ColumnParallelLinear output layer does for the whole
+    sequence (megatron/core/tensor_parallel/layers.py, `linear_with_grad_accumulation_and_async_allreduce`).
+
+    Args:
+        hidden: [L, b, h] final hidden states (the output layer's input), or this rank's [L/tp, b, h] slice under
+            sequence parallelism (rank r holds positions [r*L/tp, (r+1)*L/tp), Megatron's layout). float32,
+            bfloat16, float16 or float64; same dtype as `weight`.
+        weight: [V/tp, h], this rank's shard of the output layer (Megatron's ColumnParallelLinear layout: rank r
+            holds vocabulary ids [r*V/tp, (r+1)*V/tp)), or the tied embedding table's shard.
+        targets: [L, b, s] integer token ids (s = 1 for next-token training), or [L, b]; the whole sequence on
+            every rank, also under sequence parallelism.
+        ignore_index, weighting: as in `vocab_parallel_multi_hot_cross_entropy`.
+        tp_group: the group the vocabulary is sharded over (and the sequence, with `sequence_parallel`); None:
+            `weight` is the whole vocabulary.
+        sequence_parallel: `hidden` is this rank's sequence slice (ignored when the group has one rank).
+        chunk_size: positions (of the L*b, after the sequence-parallel gather) per chunk; None:
+            `default_chunk_size`. Under sequence parallelism each rank contributes ceil(chunk_size / tp) rows.
+        validate: check target ids and the shard widths across the group (a host-device synchronisation and an
+            extra all-reduce); the model's loss path turns it off.
+
+    Returns:
+        [L, b] per-position loss, float32 (float64 for float64 inputs). Its gradient flows to `hidden` (the full
+        gradient: summed over the vocabulary shards by an all-reduce, or reduce-scattered to this rank's slice
+        under sequence parallelism) and to `weight` (this shard's; accumulated in float32 over chunks). The
+        GEMMs run in the inputs' dtype on GPUs with float32 accumulation (and float32 logits where torch's
+        `mm(out_dtype=)` exists, else rounded as the unfused output layer rounds them), in float32 on CPUs;
+        every softmax statistic is float32.
+
+    Raises:
+        ValueError: wrong shapes or dtypes, an unknown weighting, a bad chunk_size; with `validate`, target ids
+            outside the vocabulary or weight shards of different widths across the group.
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [L, b, h] ([L/tp, b, h] under sequence parallelism), "
+                         f"got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V/tp, h] with h = {hidden.shape[-1]} (the hidden size), "
+                         f"got shape {tuple(weight.shape)}")
+    if not hidden.dtype.is_floating_point or hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden and weight must share one floating dtype, got {hidden.dtype} and {weight.dtype}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown TST weighting {weighting!r}; choose one of {WEIGHTINGS}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive number of positions or None, got {chunk_size!r}")
+    group, _, tp_size = _tp_rank_and_size(tp_group)
+    sp = sequence_parallel and tp_size > 1
+    length = hidden.shape[0] * (tp_size if sp else 1)
+    if targets.dim() == 2:
+        targets = targets.unsqueeze(-1)
+    if targets.dim() != 3 or tuple(targets.shape[:2]) != (length, hidden.shape[1]):
+        raise ValueError(
+            f"targets must be [L, b, s] or [L, b] with [L, b] = {(length, hidden.shape[1])} (hidden "
+            f"{tuple(hidden.shape)}{' gathered over ' + str(tp_size) + ' sequence-parallel ranks' if sp else ''}), "
+            f"got shape {tuple(targets.shape)}")
+    _check_targets(targets)
+    if validate:
+        _check_values(targets, ignore_index, weight.shape[0], group, tp_size, "weight")
+    positions = length * hidden.shape[1]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0], positions)
+    loss = _FusedLinearVocabParallelMultiHotCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(positions, -1), weighting, ignore_index,
+        group, sp, chunk_size)
+    return loss.view(length, hidden.shape[1])

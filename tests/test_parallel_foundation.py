@@ -30,7 +30,10 @@ def _mce_checks(solo):
     from megatron_tst.mce import vocab_parallel_multi_hot_cross_entropy as mce
     from reference import random_targets
 
+    from megatron.core import parallel_state
+
     rank = dist.get_rank()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
     shard = slice(rank * V // 2, (rank + 1) * V // 2)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -41,7 +44,7 @@ def _mce_checks(solo):
             grad_out = torch.rand(L, B, generator=g)
             tp2_in = full[..., shard].clone().requires_grad_(True)
             tp1_in = full.clone().requires_grad_(True)
-            loss_tp2 = mce(tp2_in, targets, weighting=weighting)  # Megatron's TP group
+            loss_tp2 = mce(tp2_in, targets, weighting=weighting, tp_group=tp_group)
             loss_tp1 = mce(tp1_in, targets, weighting=weighting, tp_group=solo)
             (loss_tp2 * grad_out).sum().backward()
             (loss_tp1 * grad_out).sum().backward()
@@ -49,7 +52,7 @@ def _mce_checks(solo):
             out[f"mce_grad_{dtype}_{weighting}"] = _rel(tp2_in.grad, tp1_in.grad[..., shard])
     # Logits whose shard width disagrees with the TP group: both ranks raise.
     try:
-        mce(torch.zeros(L, B, V // 2 + rank), torch.zeros(L, B, 2, dtype=torch.long))
+        mce(torch.zeros(L, B, V // 2 + rank), torch.zeros(L, B, 2, dtype=torch.long), tp_group=tp_group)
         out["shard_error"] = None
     except ValueError as err:
         out["shard_error"] = str(err)
