@@ -31,6 +31,7 @@ class Case:
     distributed_optimizer: bool = False
     optimizer_step: bool = False
     sample_layout: str = "contiguous"  # superposition rows: one window of S*L tokens, or S segments of L
+    linear_loss_fusion: bool = False  # --cross-entropy-loss-fusion --cross-entropy-fusion-impl linear
 
 
 def transformer_config(case: Case):
@@ -43,6 +44,8 @@ def transformer_config(case: Case):
         moe = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_aux_loss_coeff=1e-2,
                    moe_router_load_balancing_type="aux_loss", moe_token_dispatcher_type=case.moe_dispatcher,
                    expert_model_parallel_size=case.ep)
+    if case.linear_loss_fusion:
+        moe.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="linear")
     return TransformerConfig(
         num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
         normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
@@ -55,10 +58,10 @@ def transformer_config(case: Case):
     )
 
 
-def model_options():
+def model_options(untie=True):
     from megatron_tst.model import GPTModelOptions
 
-    return GPTModelOptions(vocab_size=V, max_sequence_length=L, untie_embeddings_and_output_weights=True)
+    return GPTModelOptions(vocab_size=V, max_sequence_length=L, untie_embeddings_and_output_weights=untie)
 
 
 def tst_config(weighting="uniform", sample_layout="contiguous"):

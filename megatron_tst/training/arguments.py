@@ -107,6 +107,12 @@ def _add_model_args(parser):
     g.add_argument("--recompute-num-layers", type=int)
     g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")
     g.add_argument("--calculate-per-token-loss", action="store_true")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="with --cross-entropy-fusion-impl linear: the output layer and the loss fused in chunks "
+                        "(no [L, b, V/tp] logits), both phases; with native/te: accepted and ignored (kernel choice)")
+    g.add_argument("--cross-entropy-fusion-impl", default="native", choices=["native", "te", "linear"],
+                   help="Megatron-LM's choice of fused cross-entropy; 'linear' (Megatron-LM's development branch) "
+                        "fuses the output layer with the loss")
 
 
 def _add_moe_args(parser):
@@ -394,6 +400,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     args = parser.parse_args(argv)
     namespace = vars(args)
     args.ignored_flags = sorted(k.split(":", 1)[1] for k in namespace if k.startswith("ignored:"))
+    args.ignored_flags = sorted(args.ignored_flags + _ignored_loss_fusion_flags(args))
     unsupported = sorted(k.split(":", 1)[1] for k in namespace if k.startswith("unsupported:"))
     for key in [k for k in namespace if ":" in k]:
         delattr(args, key)
@@ -406,6 +413,23 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     except ValueError as err:
         parser.error(str(err))
     return args
+
+
+def linear_loss_fusion(args) -> bool:
+    """`--cross-entropy-loss-fusion --cross-entropy-fusion-impl linear`: the fused output layer and loss."""
+    return bool(args.cross_entropy_loss_fusion) and args.cross_entropy_fusion_impl == "linear"
+
+
+def _ignored_loss_fusion_flags(args) -> List[str]:
+    """The loss-fusion flags that change nothing here, as Megatron-LM's meaning goes: the native/te fused
+    cross-entropy kernels compute the stock loss (the stock one runs), and an impl without
+    --cross-entropy-loss-fusion is not used by Megatron-LM either."""
+    if linear_loss_fusion(args):
+        return []
+    flags = ["--cross-entropy-loss-fusion"] if args.cross_entropy_loss_fusion else []
+    if args.cross_entropy_fusion_impl != "native" or args.cross_entropy_loss_fusion:
+        flags.append("--cross-entropy-fusion-impl")
+    return flags
 
 
 def _require(args, *names):
@@ -607,6 +631,10 @@ def transformer_config_from_args(args, **overrides):
         recompute_num_layers=args.recompute_num_layers, calculate_per_token_loss=args.calculate_per_token_loss,
         deallocate_pipeline_outputs=True,
         **mcore_compat.kernel_fusion_settings(swiglu=args.swiglu, add_bias_linear=not args.disable_bias_linear),
+        # Megatron-LM's switch for the fused output layer + loss (megatron_tst.model.FusedLossOutputLayer); the
+        # native/te fused cross-entropy kernels are ignored (the stock loss runs).
+        **(dict(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="linear") if linear_loss_fusion(args)
+           else {}),
         **moe,
     )
     kwargs.update(cpu.cpu_config_overrides())
