@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from megatron_tst.training import arguments
 from megatron_tst.training.arguments import parse_args
 from megatron_tst.training.data import validate_data_files
 from text_corpus import VOCAB_SIZE, build_byte_corpus
@@ -119,3 +120,25 @@ def test_mfu_peak_is_looked_up_by_the_most_specific_device_name():
     assert peak_tflops_of_device_name("NVIDIA B200") == 2250.0
     assert peak_tflops_of_device_name("NVIDIA H100 80GB HBM3") == 989.0
     assert peak_tflops_of_device_name("Intel Xeon") is None
+
+
+def test_loss_fusion_flags_follow_megatron_lm():
+    """`--cross-entropy-loss-fusion --cross-entropy-fusion-impl linear` switches the fused output layer + loss on
+    (TransformerConfig fields, as Megatron-LM sets them); native/te and the impl alone are accepted and ignored."""
+    from megatron_tst.model import linear_loss_fusion_enabled
+
+    base = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --micro-batch-size 1 "
+            "--train-iters 2 --lr 1e-3 --mock-data --tokenizer-type NullTokenizer --vocab-size 64").split()
+    cases = {"": (False, []),
+             "--cross-entropy-loss-fusion": (False, ["--cross-entropy-fusion-impl", "--cross-entropy-loss-fusion"]),
+             "--cross-entropy-loss-fusion --cross-entropy-fusion-impl te":
+                 (False, ["--cross-entropy-fusion-impl", "--cross-entropy-loss-fusion"]),
+             "--cross-entropy-fusion-impl linear": (False, ["--cross-entropy-fusion-impl"]),
+             "--cross-entropy-loss-fusion --cross-entropy-fusion-impl linear": (True, [])}
+    for extra, (fused, ignored) in cases.items():
+        args = arguments.parse_args(base + extra.split(), world_size=1)
+        config = arguments.transformer_config_from_args(args)
+        assert arguments.linear_loss_fusion(args) == fused == linear_loss_fusion_enabled(config), extra
+        assert [f for f in args.ignored_flags if "cross-entropy" in f] == ignored, extra
+    with pytest.raises(SystemExit):
+        arguments.parse_args(base + "--cross-entropy-loss-fusion --cross-entropy-fusion-impl cute".split())

@@ -248,3 +248,25 @@ def test_plan_text_output_and_time(capsys):
     out = capsys.readouterr().out
     assert "253.954M" in out and "superposition  6000" in out and "recovery       14000" in out
     assert "time at 300,000 positions/s/GPU" in out
+
+
+def test_plan_accounts_for_the_fused_output_layer_and_loss():
+    """With Megatron-LM's linear loss fusion the logits term is one chunk's logits, the per-position statistics
+    and the float32 weight-gradient accumulator instead of [positions, V/tp] bf16 logits + their fp32 softmax."""
+    from megatron_tst.mce import default_chunk_size
+
+    plan_tool = _plan_module()
+    unfused = plan_tool.plan("600m", [])["memory_gb_per_gpu"]
+    fused = plan_tool.plan("600m", ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "linear"])
+    fused = fused["memory_gb_per_gpu"]
+    positions, vocab, hidden, bag = 8 * 2016, 128256, 960, 6  # micro batch x seq; Llama 3 vocabulary (x128)
+    assert unfused["logits"] * 2**30 == pytest.approx(positions * ((2 + 4) * vocab + 2 * 2 * hidden))
+    chunk = default_chunk_size(vocab, positions)
+    assert chunk == 130  # 64 MiB of fp32 logits
+    expected = chunk * (6 * vocab + 4 * hidden) + positions * (9 + 12 * bag + 2 * hidden) + 4 * vocab * hidden
+    assert fused["logits"] * 2**30 == pytest.approx(expected)
+    assert fused["logits"] < unfused["logits"] / 15
+    assert fused["total"] - fused["logits"] == pytest.approx(unfused["total"] - unfused["logits"])
+    # native/te keep the stock loss, as Megatron's fused CE kernels compute the same loss
+    native = plan_tool.plan("600m", ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "native"])
+    assert native["memory_gb_per_gpu"]["logits"] == pytest.approx(unfused["logits"])

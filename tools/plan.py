@@ -54,6 +54,11 @@ Memory model (approximate; real runs add CUDA context, NCCL and allocator overhe
   min(2 (PP - r - 1) + (VPP - 1) PP + 1, microbatches x VPP) chunks of num_layers/(PP VPP) layers.
 - logits (last stage, one micro batch at a time): b V/t (bf16 logits) + 4 V/t (fp32 softmax kept by the
   (multi-hot) cross-entropy) bytes per position: at 128k-152k vocabularies this is often the largest term.
+  With `--cross-entropy-loss-fusion --cross-entropy-fusion-impl linear` (the fused output layer and loss) no
+  logits are kept: one chunk of C positions at a time (C = megatron_tst.mce.default_chunk_size, 64 MiB of fp32
+  logits shard) holds C (4 + b) V/t (fp32 logits, then the gradient in the GEMM dtype) + 2 C b h (gathered rows and
+  their gradient), plus per position (9 + 12 s) (logsumexp, loss, target indices and weights of the s targets)
+  + b h / t_SP (the kept input), plus the fp32 weight-gradient accumulator 4 V/t h.
 - superposition input (first stage, superposition phase only, transient): the embedding rows of the s x L
   raw tokens (b s h per position) plus the fp32 bag sums (4 h).
 """
@@ -195,6 +200,22 @@ def activation_bytes_per_position(args, shape, layer_is_moe: bool) -> Dict[str, 
     return dict(attention=attention, mlp=mlp, layer_input=b * h / t_sp)
 
 
+def loss_bytes(args, shape, padded_vocab: int, positions: float, b: int, bag: int = 1) -> float:
+    """Bytes the output layer + loss hold for one micro batch of `positions` (see "logits" in the docstring)."""
+    from megatron_tst.mce import default_chunk_size
+    from megatron_tst.training.arguments import linear_loss_fusion
+
+    tp = args.tensor_model_parallel_size
+    t_sp = tp if args.sequence_parallel else 1
+    vocab_local = padded_vocab / tp
+    if not linear_loss_fusion(args):
+        return positions * ((b + 4) * vocab_local + 2 * b * shape.hidden_size / t_sp)
+    chunk = default_chunk_size(int(vocab_local), int(positions))
+    return (chunk * ((4 + b) * vocab_local + 2 * b * shape.hidden_size)  # one chunk's logits, gathered rows
+            + positions * ((9 + 12 * bag) + b * shape.hidden_size / t_sp)  # per-position stats, kept input
+            + 4 * vocab_local * shape.hidden_size)  # the float32 weight-gradient accumulator
+
+
 def memory_per_gpu(args, shape, padded_vocab: int, superposition: bool = True) -> Dict[str, object]:
     from megatron_tst.params import architecture_options, rank_parameters
 
@@ -243,7 +264,7 @@ def memory_per_gpu(args, shape, padded_vocab: int, superposition: bool = True) -
         activations = positions * (kept * in_flight + transient)
         logits = 0.0
         if stage == pp - 1:
-            logits = positions * ((b + 4) * padded_vocab / tp + 2 * b * shape.hidden_size / t_sp)
+            logits = loss_bytes(args, shape, padded_vocab, positions, b, bag=s or 1)
         superposition_input = 0.0
         if stage == 0 and s:
             superposition_input = positions * (b * s * shape.hidden_size + 4 * shape.hidden_size)
