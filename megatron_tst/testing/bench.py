@@ -133,6 +133,10 @@ def build_chunks(args, kind: str, bag_size: int, padded_vocab: int):
     vargs = argparse.Namespace(**vars(args))
     if kind == SUPERPOSITION:
         vargs.tst = dataclasses.replace(args.tst, bag_size=bag_size)
+    if kind == STOCK:
+        # Megatron-Core's GPTModel has no linear loss fusion (only its development branch does): the stock
+        # variant stays the stock output layer and loss.
+        vargs.cross_entropy_loss_fusion = False
     # One config per variant: the schedule hooks live on it.
     config = arguments.transformer_config_from_args(vargs)
     options = arguments.model_options_from_args(vargs, padded_vocab)

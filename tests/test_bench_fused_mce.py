@@ -1,0 +1,31 @@
+"""tools/bench_fused_mce.py's GPU script runs (as its tiny CPU smoke run), and its fused and unfused cases compute
+the same loss; the trainer's fused and unfused steps train the same (no timing is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_script_smoke_run_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_fused_mce.py"), "--gpu", "--allow-cpu",
+                           "--trainer", "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| V | dtype | s | fused s |" in proc.stdout
+    results = json.loads(out.read_text())
+    methods = {(r["bag"], r["method"]) for r in results["grid"]}
+    assert methods == {(1, "megatron"), (1, "unfused"), (1, "fused"), (6, "unfused"), (6, "fused")}
+    loss = {(r["bag"], r["method"]): r["loss_sum"] for r in results["grid"]}
+    for bag in (1, 6):
+        assert abs(loss[bag, "fused"] - loss[bag, "unfused"]) < 1e-3 * abs(loss[bag, "unfused"])
+    assert abs(loss[1, "megatron"] - loss[1, "unfused"]) < 1e-5 * abs(loss[1, "unfused"])
+    assert all(r["peak_mib"] > 0 for r in results["grid"])
+    trainer = results["trainer"]
+    for variant in ("superposition s=6", "recovery", "stock"):
+        fused, unfused = trainer["fused"]["variants"][variant], trainer["unfused"]["variants"][variant]
+        for a, b in zip(fused["losses"], unfused["losses"]):
+            assert abs(a - b) <= 1e-2 * abs(b), (variant, a, b)  # bf16 model
