@@ -80,11 +80,11 @@ def _step(method, hidden, weight, targets, chunk_size):
     """One forward + backward; returns the loss sum (a check that every method computes the same)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from megatron_tst.mce import fused_linear_vocab_parallel_multi_hot_cross_entropy, vocab_parallel_multi_hot_cross_entropy
+    from megatron_tst.mce import fused_linear_vocab_parallel_multi_hot_cross_entropy as fused_mce
+    from megatron_tst.mce import vocab_parallel_multi_hot_cross_entropy
 
     if method == "fused":
-        loss = fused_linear_vocab_parallel_multi_hot_cross_entropy(hidden, weight, targets, chunk_size=chunk_size,
-                                                                   validate=False)
+        loss = fused_mce(hidden, weight, targets, chunk_size=chunk_size, validate=False)
     else:
         logits = torch.matmul(hidden, weight.t())  # ColumnParallelLinear's output, in the inputs' dtype
         if method == "unfused":
@@ -209,8 +209,9 @@ def trainer_steps(cli) -> dict:
                                       else None)
         out[name] = summary
         if bench.is_rank0():
-            print(f"## trainer step, {name} loss ({'--cross-entropy-loss-fusion --cross-entropy-fusion-impl linear' if fusion else 'stock'}); "
-                  f"peak device memory of the run: {summary['peak_memory_gib']} GiB")
+            flags = "--cross-entropy-loss-fusion --cross-entropy-fusion-impl linear" if fusion else "stock"
+            print(f"## trainer step, {name} loss ({flags}); peak device memory of the run: "
+                  f"{summary['peak_memory_gib']} GiB")
             print(bench.describe(summary))
             print(bench.format_gpu_table(summary) + "\n", flush=True)
     return out
