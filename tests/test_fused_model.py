@@ -3,8 +3,6 @@ linear`) against the same model without it (TP=1, this process): both phases, ti
 and MoE. The layouts (TP=2+SP, PP=2, TP=2 MoE) are in test_parallel_model.py, the trainer in
 test_fused_trainer.py."""
 
-import dataclasses
-
 import pytest
 import torch
 
