@@ -25,8 +25,8 @@ CASES = [
     Case("ep2_alltoall", ep=2, moe_dispatcher="alltoall"),
     Case("ep2_allgather", ep=2, moe_dispatcher="allgather"),
     # the fused output layer + loss against the unfused reference
-    Case("tp2_sp_fused_loss", tp=2, sequence_parallel=True, linear_loss_fusion=True),
-    Case("tp2_fused_loss_moe", tp=2, moe_dispatcher="alltoall", linear_loss_fusion=True),
+    Case("tp2_fused_loss", tp=2, linear_loss_fusion=True),
+    Case("tp2_sp_fused_loss_moe", tp=2, sequence_parallel=True, moe_dispatcher="alltoall", linear_loss_fusion=True),
     Case("pp2_fused_loss", pp=2, linear_loss_fusion=True),
 ]
 PHASES = ("superposition", "recovery")
