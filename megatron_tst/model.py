@@ -225,12 +225,15 @@ class TSTGPTModel(GPTModel):
         fused output layer, `logits` already is the per-position loss [L, b]."""
         if self._fused_loss_active:
             return logits.transpose(0, 1).contiguous()
-        if not self._mce_active:
+        if not self._mce_active and not self.fuse_output_loss:
             return super().compute_language_model_loss(labels, logits)
-        targets_lbs = labels.transpose(0, 1)
+        # The MCE; also Megatron's cross-entropy (s = 1) for logits that reach here with the linear fusion
+        # configured (e.g. 0.19's output_processor), which Megatron-Core's own loss does not know.
+        targets_lbs = labels.transpose(0, 1) if self._mce_active else labels.transpose(0, 1).unsqueeze(-1)
         # The logits are a temporary of this forward: let the MCE reuse them, as Megatron's CE does.
         loss_lb = vocab_parallel_multi_hot_cross_entropy(
-            logits, targets_lbs, ignore_index=self.tst.ignore_index, weighting=self.tst.weighting,
+            logits, targets_lbs, ignore_index=self.tst.ignore_index if self.tst else -100,
+            weighting=self.tst.weighting if self._mce_active else "uniform",
             tp_group=self.pg_collection.tp, inplace=True, validate=False,
         )
         return loss_lb.transpose(0, 1).contiguous()

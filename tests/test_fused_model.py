@@ -78,3 +78,16 @@ def test_gathered_logits_are_refused(megatron_single_process):
     with pytest.raises(ValueError, match="parallel_output=False"):
         TSTGPTModel(config=config, transformer_layer_spec=layer_spec(config, False), vocab_size=V,
                     max_sequence_length=L, parallel_output=False)
+
+
+def test_logits_that_reach_the_loss_with_the_fusion_configured_get_megatrons_cross_entropy(megatron_single_process):
+    """(e.g. through 0.19's output_processor) Megatron-Core's own loss does not know impl 'linear': the model's
+    loss then is Megatron's cross-entropy, computed by the MCE with s = 1."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    _, fused = _pair(None, True)
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(L, MBS, V, generator=g)
+    labels = torch.randint(0, V, (MBS, L), generator=g)
+    got = fused.compute_language_model_loss(labels, logits.clone())
+    torch.testing.assert_close(got, vocab_parallel_cross_entropy(logits.clone(), labels.t().contiguous()).t(), rtol=1e-6, atol=1e-6)
