@@ -30,6 +30,7 @@ class Case:
     moe_dispatcher: Optional[str] = None  # None: dense model
     distributed_optimizer: bool = False
     optimizer_step: bool = False
+    num_query_groups: int = 2  # < tp: Megatron-Core replicates each KV head over tp // num_query_groups ranks
 
 
 def transformer_config(case: Case):
@@ -43,7 +44,7 @@ def transformer_config(case: Case):
                    moe_router_load_balancing_type="aux_loss", moe_token_dispatcher_type=case.moe_dispatcher,
                    expert_model_parallel_size=case.ep)
     return TransformerConfig(
-        num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+        num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=case.num_query_groups, ffn_hidden_size=64,
         normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.05,
         tensor_model_parallel_size=case.tp, pipeline_model_parallel_size=case.pp,
