@@ -159,9 +159,11 @@ class Run:
         while state.iteration < args.train_iters:
             phase = plan.phase_at(state.iteration)
             if state.consumed_train_samples != plan.samples_before(state.iteration):
-                raise SystemExit(f"checkpoint at iteration {state.iteration} consumed {state.consumed_train_samples} "
-                                 f"samples, but this run's plan puts {plan.samples_before(state.iteration)} there: "
-                                 "were --global-batch-size or --tst-* changed? (use --finetune to restart counting)")
+                # resume_checks refuses the flags behind this before any heavy work; this is the last guard
+                raise SystemExit(f"error: the checkpoint at iteration {state.iteration} consumed "
+                                 f"{state.consumed_train_samples} samples, but this run's plan (--global-batch-size, "
+                                 f"--train-iters, --tst-*) puts {plan.samples_before(state.iteration)} there: restore "
+                                 "the checkpoint run's values, or start a new run from its weights with --finetune")
             segment_end = plan.superposition_steps if phase == Phase.SUPERPOSITION else args.train_iters
             if args.exit_interval:
                 segment_end = min(segment_end, (state.iteration // args.exit_interval + 1) * args.exit_interval)

@@ -3,6 +3,8 @@
     python save_fault_worker.py kill DIR TRIALS   kill -9 the saving process TRIALS times in the middle of a save
                                                   (a fresh forked trainer each time); print JSON: per trial the
                                                   descendants it had just before the kill and those alive after
+    python save_fault_worker.py nopsutil DIR      save without psutil importable (Megatron-Core's writer needs it):
+                                                  print JSON: the exit message and the directory's entries
     python save_fault_worker.py full DIR          save once, then again with files limited to 16 KiB (RLIMIT_FSIZE:
                                                   writes fail with EFBIG, as on a full disk); print JSON: the
                                                   second save's exit message and the tracker afterwards
@@ -110,8 +112,23 @@ def full(directory):
                       "entries": sorted(os.listdir(directory))}))
 
 
+def nopsutil(directory):
+    sys.modules["psutil"] = None  # `import psutil` raises ImportError, as where it is not installed
+    from megatron_tst.training.checkpointing import TrainState
+
+    trainer = _trainer(directory)
+    message = None
+    try:
+        trainer.save(TrainState(iteration=1, consumed_train_samples=2))
+    except SystemExit as err:
+        message = str(err)
+    print(json.dumps({"message": message, "entries": sorted(os.listdir(directory))}))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "kill":
         kill(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1] == "nopsutil":
+        nopsutil(sys.argv[2])
     else:
         full(sys.argv[2])

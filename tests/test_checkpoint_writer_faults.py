@@ -36,3 +36,12 @@ def test_a_failing_write_ends_the_save_with_its_error_and_keeps_the_last_checkpo
     assert "stays iteration 1" in result["message"]
     assert result["tracker"] == "1"
     assert "iter_0000001" in result["entries"] and not any(e.startswith("iter_0000002") for e in result["entries"])
+
+
+def test_a_writer_without_psutil_fails_the_save_instead_of_hanging(tmp_path):
+    """Megatron-Core 0.16.1's forked writer raised outside its try without psutil and its trainer waited for
+    it forever; here the save ends with that error and nothing is tracked."""
+    result = _run("nopsutil", str(tmp_path))
+    assert result["message"] is not None and "psutil" in result["message"], result
+    assert "latest_checkpointed_iteration.txt" not in result["entries"]
+    assert not any(e.startswith("iter_") for e in result["entries"]), result["entries"]

@@ -365,6 +365,17 @@ def test_recipes_pad_the_vocabulary_alike_at_every_tp_they_allow(name):
         assert 8 in sizes  # 4 KV groups at TP=8: KV heads replicated, as Megatron-Core allows
 
 
+@pytest.mark.parametrize("name", ["3b", "10b-a1b"])
+def test_the_planner_accepts_tp_8_with_4_kv_groups(capsys, name):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "plan.py")
+    spec = importlib.util.spec_from_file_location("plan_tool", path)
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
+    assert plan.main(["--recipe", name, "--tensor-model-parallel-size", "8"]) == 0, capsys.readouterr().err
+
+
 def test_a_vocabulary_padding_mismatch_names_the_flag(scheduled):
     from megatron_tst.training import arguments, checkpointing
 
@@ -397,3 +408,38 @@ def test_the_console_line_shows_the_moe_balancing_losses():
                   load_balancing_loss=1.25, z_loss=0.5)
     line = format_train_line(record, 10)
     assert "load_balancing_loss: 1.250000E+00 |" in line and "z_loss: 5.000000E-01 |" in line
+
+
+# ------------------------------------------------------------------------------------- divergence, end to end
+
+
+def test_divergence_stops_every_rank_keeps_the_last_good_checkpoint_and_resumes_from_it(corpus, tmp_path):
+    """The issue's run (--lr 1e4 --clip-grad 0 --lr-decay-style constant, 2 ranks): non-zero exit naming the
+    iteration, the phase and what was non-finite; the tracker names the last good checkpoint; a --load from the
+    same directory (with a sane --lr, taken with --override-opt_param-scheduler) resumes from it."""
+    from test_pretrain_e2e import run_trainer
+
+    save = str(tmp_path / "ckpt")
+    base = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 "
+            "--global-batch-size 4 --clip-grad 0 --lr-decay-style constant --train-iters 12 --save-interval 2 "
+            f"--tokenizer-type NullTokenizer --vocab-size {VOCAB_SIZE} --data-path {corpus} --split 98,2,0 "
+            f"--log-interval 1 --eval-iters 0 --num-workers 0 --data-cache-path {tmp_path}/cache "
+            f"--save {save} --load {save}").split()
+    diverged = run_trainer(base + ["--lr", "1e4"])
+    out = diverged.stdout + diverged.stderr
+    assert diverged.returncode != 0, out[-3000:]
+    import re
+
+    match = re.search(r"error: iteration (\d+) \(recovery phase\): non-finite (.*?); the step was not applied", out)
+    assert match, out[-3000:]
+    failed_at = int(match.group(1))
+    good = int(open(os.path.join(save, "latest_checkpointed_iteration.txt")).read())
+    assert good == 2 * ((failed_at - 1) // 2) and good >= 2, (failed_at, good)
+    assert f"latest checkpoint in --save {save} is iteration {good}" in out
+    assert not os.path.exists(os.path.join(save, f"iter_{failed_at:07d}"))
+
+    resumed = run_trainer(base + ["--lr", "1e-4", "--override-opt_param-scheduler"])
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"iter_{good:07d} (iteration {good}" in out
+    assert "training stopped (done) at iteration 12" in out

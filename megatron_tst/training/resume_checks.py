@@ -130,12 +130,16 @@ def _describe_stream(flag: str, theirs, ours, args, ckpt_args) -> str:
 def schedule_mismatches(args, ckpt_args) -> List[str]:
     """One line per LR/WD schedule flag that differs from the checkpoint's."""
     lines = []
-    decay_follows_train_iters = (getattr(ckpt_args, "lr_decay_iters", None) == getattr(ckpt_args, "train_iters", 0)
+    # Megatron-LM leaves --lr-decay-iters None when not given (its schedule then decays over --train-iters)
+    ckpt_decay_iters = getattr(ckpt_args, "lr_decay_iters", None) or getattr(ckpt_args, "train_iters", None)
+    decay_follows_train_iters = (ckpt_decay_iters == getattr(ckpt_args, "train_iters", 0)
                                  and args.lr_decay_iters == args.train_iters)
     for name in SCHEDULE_FLAGS:
         if not hasattr(ckpt_args, name):
             continue
         ours, theirs = getattr(args, name), getattr(ckpt_args, name)
+        if name == "lr_decay_iters":
+            theirs = ckpt_decay_iters
         if name == "lr_decay_iters" and decay_follows_train_iters:
             continue  # its default: reported as --train-iters
         if not _same(ours, theirs):
