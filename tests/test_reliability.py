@@ -373,7 +373,8 @@ def test_the_planner_accepts_tp_8_with_4_kv_groups(capsys, name):
     spec = importlib.util.spec_from_file_location("plan_tool", path)
     plan = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plan)
-    assert plan.main(["--recipe", name, "--tensor-model-parallel-size", "8"]) == 0, capsys.readouterr().err
+    experts = ["--expert-tensor-parallel-size", "1"] if name == "10b-a1b" else []  # EP 8 x expert-TP 1 = 8 GPUs
+    assert plan.main(["--recipe", name, "--tensor-model-parallel-size", "8"] + experts) == 0, capsys.readouterr().err
 
 
 def test_a_vocabulary_padding_mismatch_names_the_flag(scheduled):
