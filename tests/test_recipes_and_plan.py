@@ -201,7 +201,7 @@ def test_plan_json_for_10b_a1b():
     assert plan["tokens_per_step"] == {"superposition": 16 * positions, "recovery": positions}
     assert plan["tokens_total"]["total"] == 12495 * 16 * positions + (49983 - 12495) * positions
     args = _parse(["--recipe", "10b-a1b"] + NO_DATA + ["--vocab-size", "151936"], world_size=32)
-    assert plan["flops_per_step"] == training_flops_per_step(arguments.model_shape_from_args(args, 151936),
+    assert plan["flops_per_step"] == training_flops_per_step(arguments.model_shape_from_args(args, 152064),
                                                              8192, 1024)
     mem = plan["memory_gb_per_gpu"]
     parts = mem["weights"] + mem["gradients"] + mem["optimizer"] + mem["activations"] + mem["logits"]

@@ -105,7 +105,12 @@ def _same(a, b) -> bool:
 def stream_mismatches(args, ckpt_args) -> List[str]:
     """One line per stream flag whose value differs from the checkpoint's (flags it does not record skipped)."""
     lines = []
+    # A checkpoint trained on Megatron's mock data has no token stream to repeat or skip: continuing it on real
+    # data (the README's "continue from Megatron-LM") starts that data's stream at the checkpoint's sample count.
+    mock_before = _data("data_path")(ckpt_args) == "mock data"
     for flag, value_of in STREAM_FLAGS:
+        if mock_before and flag in ("--data-path", "--train-data-path", "--split"):
+            continue
         ours, theirs = value_of(args), value_of(ckpt_args)
         if flag in ("--tst-bag-size", "superposition steps") or theirs is not None:
             if not _same(ours, theirs):
