@@ -1,5 +1,5 @@
 """Checkpoint writers cannot outlive or hang the trainer (issue 13, point 5): the files of a save are written by
-the trainer process itself (megatron_tst.training.checkpoint_writer), so a kill -9 in the middle of a save
+the trainer process itself (megatron_tst.platform.mcore_compat.in_process_checkpoint_writes), so a kill -9 in the middle of a save
 leaves no writer process behind, and a failing write ends the save with the writer's error, the last complete
 checkpoint kept."""
 

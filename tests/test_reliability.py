@@ -392,7 +392,9 @@ def test_moe_balancing_losses_under_per_token_loss_at_tp_2_are_refused_where_meg
 
     argv = TINY + ["--lr", "1e-3", "--train-iters", "2", "--mock-data", "--num-experts", "4",
                    "--moe-aux-loss-coeff", "1e-2", "--calculate-per-token-loss", "--tensor-model-parallel-size", "2"]
-    if arguments.mcore_moe_aux_loss_grad_scales_with_tp():
+    from megatron_tst.platform import mcore_compat
+
+    if mcore_compat.moe_aux_loss_grad_scales_with_tp():
         with pytest.raises(SystemExit):
             arguments.parse_args(argv, world_size=2)
     else:

@@ -519,24 +519,14 @@ def _validate_layout(args) -> None:
         _check_moe_per_token_loss(args)
 
 
-def mcore_moe_aux_loss_grad_scales_with_tp() -> bool:
-    """Megatron-Core before 0.19 scales the MoE balancing-loss (and z-loss) gradient under
-    --calculate-per-token-loss by the router's local token count only, while finalize_model_grads divides by the
-    global token count, which counts each sequence-parallel shard TP x CP times: the gradient shrinks with TP x CP
-    (transformer/moe/router.py `attach_and_log_load_balancing_loss`, `apply_z_loss`; 0.19 multiplies by
-    `tp_cp_group.size()`). Version-dependent: moves to megatron_tst/platform/mcore_compat.py."""
-    from megatron.core.package_info import __version__
-
-    major, minor = (int(x) for x in __version__.split(".")[:2])
-    return (major, minor) < (0, 19)
-
-
 def _check_moe_per_token_loss(args) -> None:
     tp_cp = args.tensor_model_parallel_size * args.context_parallel_size
     balancing = (args.moe_router_load_balancing_type in ("aux_loss", "seq_aux_loss", "global_aux_loss")
                  and args.moe_aux_loss_coeff > 0)
+    from megatron_tst.platform import mcore_compat
+
     if (args.calculate_per_token_loss and tp_cp > 1 and (balancing or args.moe_z_loss_coeff)
-            and mcore_moe_aux_loss_grad_scales_with_tp()):
+            and mcore_compat.moe_aux_loss_grad_scales_with_tp()):
         from megatron.core.package_info import __version__
 
         raise ValueError(

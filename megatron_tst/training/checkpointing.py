@@ -20,7 +20,7 @@ loaded with `torch.load(weights_only=True)` and an allow-list (megatron-core's s
 and inert stand-ins for enum classes of newer megatron-core versions, e.g. a 0.19 checkpoint's args).
 A save goes to `iter_N.tmp` and is renamed to `iter_N` only when complete; the tracker file is then replaced
 atomically, so a crash at any point leaves the previous checkpoint loadable. Its files are written by the trainer
-process itself (checkpoint_writer.py: no writer process to outlive or hang it); a failed write ends the run on
+process itself (mcore_compat.save_sharded: no writer process to outlive or hang it); a failed write ends the run on
 every rank with the writer's error, and a model with non-finite weights is never saved.
 Before a resume, check_load_arguments compares the model arguments, the sample stream and the LR schedule with the
 checkpoint's saved args (resume_checks.py).
