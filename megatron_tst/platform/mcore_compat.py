@@ -233,7 +233,7 @@ def write_buckets_in_process(transform_list: list, rank: int, write_buckets: lis
 def in_process_checkpoint_writes():
     """Within: Megatron-Core's torch_dist save strategy writes its files in the calling process (see above).
 
-    The strategy looks `FileSystemWriterAsync` up in its module at call time; the results queue is the writer
+    The strategy looks `FileSystemWriterAsync` up at call time (see below); the results queue is the writer
     module's cached one (`_results_queue`, created on first use unless already set: set it to a `queue.Queue`).
     """
     import queue
@@ -251,12 +251,17 @@ def in_process_checkpoint_writes():
 
     if filesystem_async._results_queue is None:
         filesystem_async._results_queue = queue.Queue()
-    original = torch_strategy.FileSystemWriterAsync
-    torch_strategy.FileSystemWriterAsync = InProcessFileSystemWriter
+    # 0.16 names the writer class in strategies/torch.py (imported at module load); 0.19 imports it from
+    # filesystem_async at each save (`_import_mcore_async`)
+    modules = [m for m in (torch_strategy, filesystem_async) if hasattr(m, "FileSystemWriterAsync")]
+    originals = [m.FileSystemWriterAsync for m in modules]
+    for module in modules:
+        module.FileSystemWriterAsync = InProcessFileSystemWriter
     try:
         yield
     finally:
-        torch_strategy.FileSystemWriterAsync = original
+        for module, original in zip(modules, originals):
+            module.FileSystemWriterAsync = original
 
 
 def load_sharded(sharded_state_dict: dict, checkpoint_dir: str) -> dict:

@@ -486,6 +486,23 @@ def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
     return state
 
 
+def _load_schedule(args, scheduler, optimizer, state: dict, directory: str) -> None:
+    """The checkpoint's LR/WD schedule position, with Megatron-LM's --override-opt_param-scheduler /
+    --use-checkpoint-opt_param-scheduler meaning (check_load_arguments has compared the values already)."""
+    try:
+        scheduler.load_state_dict(state)
+    except AssertionError as err:  # a mismatch the argument comparison could not see (no saved args)
+        raise SystemExit(f"error: the LR schedule of checkpoint {directory} differs from this run's ({err}): pass "
+                         "--override-opt_param-scheduler (this command line's schedule) or "
+                         "--use-checkpoint-opt_param-scheduler (the checkpoint's)") from None
+    if args.use_checkpoint_opt_param_scheduler:
+        # The param groups' max/min LR win over the scheduler's (OptimizerParamScheduler.get_lr): give them
+        # the checkpoint's, also when the optimizer state (and its groups) was not loaded.
+        for group in optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
+        scheduler.step(increment=0)
+
+
 def _check_optimizer_format(directory, sharding, args, same_layout) -> None:
     """Refuse, before loading, optimizer state this run cannot read (as Megatron-LM does)."""
     hint = "load the weights only with --no-load-optim, or match the saving run's optimizer flags"
