@@ -452,6 +452,13 @@ def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
         unwrap_model(chunk).load_state_dict(loaded[_model_key(i, model)], strict=True)
     if load_optimizer:
         command_line_lrs = [(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups]
+        saved_schedule = common.get("opt_param_scheduler") or {}
+        if saved_schedule.get("max_lr", saved_schedule.get("start_lr")) is not None:
+            # Megatron-Core 0.19 matches saved and current param groups by a key holding their max/min LR
+            # (optimizer.py): describe them as saved; an --override-opt_param-scheduler LR is put back below.
+            for group in optimizer.param_groups:
+                group["max_lr"] = saved_schedule.get("max_lr", saved_schedule.get("start_lr"))
+                group["min_lr"] = saved_schedule.get("min_lr", group.get("min_lr"))
         # no_grad: with fp32 params the main params are views of the model's leaf parameters and
         # the dp_reshardable loader copies into them in place (its fully_reshardable twin is no_grad already).
         with mcore_compat.fully_reshardable_step_fix(optimizer), torch.no_grad():
