@@ -25,8 +25,12 @@ from megatron_tst.training import arguments, checkpointing, data
 from megatron_tst.training.build import (
     build_model, build_optimizer_and_scheduler, configure_schedule_hooks, initialize_distributed)
 from megatron_tst.training.metrics import MetricsWriter, device_peak_tflops
-from megatron_tst.training.step import evaluate, train_step
+from megatron_tst.training.step import NonFiniteError, evaluate, train_step
 from megatron_tst.training.tokenizer import build_tokenizer, vocab_size_with_padding
+
+# Megatron-LM's _TRAIN_START_TIME: --exit-duration-in-mins counts from process start (the earliest rank's),
+# set-up (process groups, model build, checkpoint load, dataset indexing) included.
+_PROCESS_START_TIME = time.time()
 
 
 def print_rank_0(message: str) -> None:
@@ -47,16 +51,19 @@ class Run:
         self.padded_vocab_size = vocab_size_with_padding(
             self.tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
         args.padded_vocab_size = self.padded_vocab_size  # Megatron-LM's name; saved with the args
+        args.vocab_size_unpadded = self.tokenizer.vocab_size
         if not args.mock_data:  # cheap checks before any process group, model or dataset exists
             prefixes = [p for flag in ("data_path", "train_data_path", "valid_data_path", "test_data_path")
                         for p in arguments.data_prefixes(getattr(args, flag))]
             try:
                 data.validate_data_files(prefixes, self.tokenizer.vocab_size)
+                data.check_splits(args, self.tokenizer)
             except ValueError as err:
                 raise SystemExit(f"error: {err}") from None
         checkpointing.check_load_arguments(args)
 
         initialize_distributed(args)
+        start_time = checkpointing.earliest_start_time(_PROCESS_START_TIME)
         print_rank_0(f"using world size: {args.world_size}, data-parallel size: {args.data_parallel_size}, "
                      f"context-parallel size: {args.context_parallel_size}, tensor-model-parallel size: "
                      f"{args.tensor_model_parallel_size}, pipeline-model-parallel size: "
@@ -89,7 +96,7 @@ class Run:
         self.recorder = (data.StreamRecorder(args.record_data_stream, args.rank)
                          if args.record_data_stream else None)
         self.writer = MetricsWriter(args, self.run_info()) if is_last_rank() else None
-        self.exit = checkpointing.ExitConditions(args)
+        self.exit = checkpointing.ExitConditions(args, start_time)
 
     def _build_datasets(self):
         """(train, valid, valid for the MCE evaluation), through Megatron-Core's builder.
@@ -102,15 +109,18 @@ class Run:
         args, plan = self.args, self.plan
         is_built_on_rank = lambda: (parallel_state.is_pipeline_first_stage(ignore_virtual=True)
                                     or parallel_state.is_pipeline_last_stage(ignore_virtual=True))
-        eval_rows = args.eval_iters * args.global_batch_size
+        # Megatron-LM asks every split for a number of samples (a weighted blend needs one); the evaluations
+        # read the first eval_iters batches each time; the test split is built but not read.
+        eval_rows = max(args.eval_iters * args.global_batch_size, 1)
         window = plan.samples_per_window
         mce_eval_samples = eval_rows * (plan.bag_size if window == 1 else 1)
         train, valid_windows, _ = data.build_datasets(
-            args, self.tokenizer, [plan.dataset_samples(plan.total_samples()), mce_eval_samples, None],
+            args, self.tokenizer,
+            [plan.dataset_samples(plan.total_samples()), mce_eval_samples, mce_eval_samples],
             is_built_on_rank=is_built_on_rank, sequence_length=plan.window_length(args.seq_length))
         if window == 1:
             return train, valid_windows, valid_windows
-        _, valid, _ = data.build_datasets(args, self.tokenizer, [1, eval_rows, None],
+        _, valid, _ = data.build_datasets(args, self.tokenizer, [1, eval_rows, eval_rows],
                                           is_built_on_rank=is_built_on_rank)
         return train, valid, valid_windows
 
@@ -174,9 +184,11 @@ class Run:
         while state.iteration < args.train_iters:
             phase = plan.phase_at(state.iteration)
             if state.consumed_train_samples != plan.samples_before(state.iteration):
-                raise SystemExit(f"checkpoint at iteration {state.iteration} consumed {state.consumed_train_samples} "
-                                 f"samples, but this run's plan puts {plan.samples_before(state.iteration)} there: "
-                                 "were --global-batch-size or --tst-* changed? (use --finetune to restart counting)")
+                # resume_checks refuses the flags behind this before any heavy work; this is the last guard
+                raise SystemExit(f"error: the checkpoint at iteration {state.iteration} consumed "
+                                 f"{state.consumed_train_samples} samples, but this run's plan (--global-batch-size, "
+                                 f"--train-iters, --tst-*) puts {plan.samples_before(state.iteration)} there: restore "
+                                 "the checkpoint run's values, or start a new run from its weights with --finetune")
             segment_end = plan.superposition_steps if phase == Phase.SUPERPOSITION else args.train_iters
             if args.exit_interval:
                 segment_end = min(segment_end, (state.iteration // args.exit_interval + 1) * args.exit_interval)
@@ -196,7 +208,10 @@ class Run:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            out = train_step(stream, self.model, self.optimizer, self.scheduler, args)
+            try:
+                out = train_step(stream, self.model, self.optimizer, self.scheduler, args)
+            except NonFiniteError as err:
+                raise SystemExit(self._divergence_message(err, phase)) from None
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
@@ -216,6 +231,21 @@ class Run:
                     checkpointing.save_checkpoint(args, state, self.model, self.optimizer, self.scheduler)
                 return reason
         return None
+
+    def _divergence_message(self, err: NonFiniteError, phase: Phase) -> str:
+        """The message every rank exits with (printed once, by the last rank: it holds the losses)."""
+        args, state = self.args, self.state
+        saved = checkpointing.latest_iteration(args.save) if args.save else None
+        message = (f"error: iteration {state.iteration + 1} ({phase.value} phase): {err}; the step was not "
+                   "applied and nothing was saved (--check-for-nan-in-loss-and-grad). ")
+        if saved is not None:
+            message += (f"The latest checkpoint in --save {args.save} is iteration {saved}: resume from it with "
+                        "--load (e.g. with a lower --lr or --clip-grad 1.0).")
+        else:
+            message += "No checkpoint was saved before it (see --save-interval)."
+        if not is_last_rank():
+            return 1  # exit status only: one copy of the message
+        return message
 
     def _log(self, interval: "_Interval", phase: Phase) -> None:
         if self.writer is None or interval.steps == 0:

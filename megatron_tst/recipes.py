@@ -13,7 +13,9 @@ recipes therefore hold only switches that are part of the model or that every GP
 What a recipe holds: the architecture (TST_SPEC.md section 5), the paper's TST settings, optimizer and
 schedule, sequence length and batch, and a parallel layout for 8-GPU H100/H200 nodes (`LAYOUT` below).
 What it does not hold (cluster-specific): data (`--data-path`), tokenizer (`--tokenizer-type`,
-`--tokenizer-model`: the model's vocabulary comes from the tokenizer, padded to a multiple of 128 x TP),
+`--tokenizer-model`: the model's vocabulary comes from the tokenizer, padded to a multiple of
+`--make-vocab-size-divisible-by` x TP; each recipe picks the divisor that pads its vocabulary alike at every TP
+it allows, see `tp_invariant_vocab_divisor`),
 checkpoint directories, logging, intervals.
 
 Shared choices and why:
@@ -54,6 +56,8 @@ _LLAMA_BLOCK: Dict[str, Value] = {
     "attention-dropout": 0.0,
     "hidden-dropout": 0.0,
     "init-method-std": 0.02,
+    # replaced per recipe by tp_invariant_vocab_divisor(): the same padded vocabulary at every TP the recipe
+    # allows (Megatron pads to a multiple of this x TP), so checkpoints reshard across TP sizes
     "make-vocab-size-divisible-by": 128,
 }
 
@@ -152,8 +156,32 @@ _LLAMA3_TOKENIZER = ("Llama 3 tokenizer, 128,256 ids (e.g. meta-llama/Meta-Llama
 RECIPES: Dict[str, Recipe] = {}
 
 
+def tensor_parallel_sizes(settings: Dict[str, Value], largest: int = 8) -> List[int]:
+    """The TP sizes 1..largest a recipe's attention allows: they divide the heads, and the query groups divide
+    TP or TP divides them (Megatron-Core replicates KV heads when there are fewer groups than TP ranks)."""
+    heads = int(settings["num-attention-heads"])
+    groups = int(settings.get("num-query-groups", heads))
+    return [tp for tp in range(1, largest + 1) if heads % tp == 0 and (groups % tp == 0 or tp % groups == 0)]
+
+
+def tp_invariant_vocab_divisor(vocab_size: int, tp_sizes: List[int], align: int = 64, largest: int = 4096) -> int:
+    """A `--make-vocab-size-divisible-by` d (a multiple of `align`) under which Megatron's padding
+    (`vocab_size` rounded up to a multiple of d x TP) gives one size for every TP in `tp_sizes`, so a checkpoint
+    reshards across them. Of those, the one that pads least (then the smallest d). Raises ValueError if none."""
+    def padded(d: int, tp: int) -> int:
+        return -(-vocab_size // (d * tp)) * d * tp
+
+    candidates = [(padded(d, 1), d % 128 != 0, d) for d in range(align, largest + 1, align)
+                  if len({padded(d, tp) for tp in tp_sizes}) == 1]
+    if not candidates:
+        raise ValueError(f"no --make-vocab-size-divisible-by <= {largest} pads {vocab_size} alike for TP {tp_sizes}")
+    return min(candidates)[2]
+
+
 def _register(recipe: Recipe) -> None:
-    RECIPES[recipe.name] = recipe
+    divisor = tp_invariant_vocab_divisor(recipe.vocab_size, tensor_parallel_sizes(recipe.settings))
+    RECIPES[recipe.name] = dataclasses.replace(
+        recipe, settings={**recipe.settings, "make-vocab-size-divisible-by": divisor})
 
 
 _register(Recipe(

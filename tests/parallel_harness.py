@@ -32,6 +32,7 @@ class Case:
     optimizer_step: bool = False
     sample_layout: str = "contiguous"  # superposition rows: one window of S*L tokens, or S segments of L
     linear_loss_fusion: bool = False  # --cross-entropy-loss-fusion --cross-entropy-fusion-impl linear
+    num_query_groups: int = 2  # < tp: Megatron-Core replicates each KV head over tp // num_query_groups ranks
 
 
 def transformer_config(case: Case):
@@ -47,7 +48,7 @@ def transformer_config(case: Case):
     if case.linear_loss_fusion:
         moe.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="linear")
     return TransformerConfig(
-        num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+        num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=case.num_query_groups, ffn_hidden_size=64,
         normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.05,
         tensor_model_parallel_size=case.tp, pipeline_model_parallel_size=case.pp,

@@ -19,6 +19,7 @@ CASES = [
     Case("tp2", tp=2),
     Case("tp2_sp", tp=2, sequence_parallel=True),
     Case("tp2_sp_segments", tp=2, sequence_parallel=True, sample_layout="segments"),
+    Case("tp2_one_kv_group", tp=2, num_query_groups=1),  # fewer KV groups than TP ranks (KV heads replicated)
     Case("pp2_1f1b", pp=2),
     Case("pp2_interleaved", pp=2, vpp=2),
     Case("dp2_distributed_optimizer", distributed_optimizer=True, optimizer_step=True),
@@ -34,7 +35,8 @@ PHASES = ("superposition", "recovery")
 
 def _reference_case(case: Case) -> Case:
     return Case(f"ref_{case.name}", moe_dispatcher=case.moe_dispatcher, optimizer_step=case.optimizer_step,
-                sample_layout=case.sample_layout)
+                sample_layout=case.sample_layout,
+                num_query_groups=case.num_query_groups)
 
 
 def _rel(a, b):

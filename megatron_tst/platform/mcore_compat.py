@@ -19,6 +19,12 @@ keywords only (0.19 inserted positional parameters in the middle of several sign
 | distributed optimizer with torch Adam (no   | 0.16.1-0.19.2    | optimizer/distrib_optimizer.py: assert on a | `prepare_torch_adam_`,  | fixed upstream (apex/TE Adam, the    |
 | apex/TE): fresh-optimizer assert, one `step`|                  | fresh optimizer, shared `step` tensor,      | `fully_reshardable_`,   | GPU default, never hits them)        |
 | for all params, KeyError 'step'             |                  | KeyError in `_set_main_param_and_...`       | `untie_adam_steps`      |                                      |
+| torch_dist file writes: 0.16 forks a writer | 0.16.1 (forks);  | dist_checkpointing/strategies/              | `save_sharded`,         | Megatron-Core writes in process when |
+| per file (orphaned by kill -9; a dead one   | both (Manager    | filesystem_async.py (`write_preloaded_data_ | `in_process_checkpoint_ | a save is synchronous                |
+| hangs the trainer); results via a spawned   | results queue)   | multiproc`, `_get_write_results_queue`)     | writes`                 |                                      |
+| Manager queue                               |                  |                                             |                         |                                      |
+| MoE balancing-loss gradient divided by      | < 0.19           | transformer/moe/router.py                   | `moe_aux_loss_grad_     | 0.16-0.18 support ends               |
+| TP x CP under --calculate-per-token-loss    |                  |                                             | scales_with_tp`         |                                      |
 | `NullTokenizer(n)`: n-1 ids + eod (<= 0.17) | 0.18 changed it  | tokenizers/text/libraries/null_tokenizer.py | `null_tokenizer`        | 0.16/0.17 support ends               |
 | vs n ids, eod n-1 (>= 0.18)                 |                  |                                             |                         |                                      |
 | `get_batch_on_this_cp_rank` gained a        | 0.18; 0.19       | utils.py                                    | `batch_on_this_cp_rank` | 0.16/0.17 support ends (keep passing |
@@ -168,10 +174,94 @@ def read_common_state(checkpoint_dir: str) -> dict:
 
 def save_sharded(sharded_state_dict: dict, checkpoint_dir: str, *, content_metadata: dict) -> None:
     """`dist_checkpointing.save` in the torch_dist format, in the layout the running release writes
-    (`common.pt` on <= 0.18, the common state inside the shards on 0.19), synchronously."""
+    (`common.pt` on <= 0.18, the common state inside the shards on 0.19), synchronously, its files written by
+    this process (`in_process_checkpoint_writes`). A failed write raises on every rank (Megatron-Core's
+    `CheckpointException`, a BaseException, on the coordinator)."""
     strategy = torch_strategy.TorchDistSaveShardedStrategy(backend="torch_dist", version=1)
-    dist_checkpointing.save(sharded_state_dict, checkpoint_dir, sharded_strategy=strategy,
-                            validate_access_integrity=True, content_metadata=content_metadata)
+    with in_process_checkpoint_writes():
+        dist_checkpointing.save(sharded_state_dict, checkpoint_dir, sharded_strategy=strategy,
+                                validate_access_integrity=True, content_metadata=content_metadata)
+
+
+# Checkpoint files written by the calling process: no writer process can outlive or hang the trainer.
+#
+# Megatron-Core's torch_dist save (`TorchDistSaveShardedStrategy.save` = `async_save(...).execute_sync()`) hands
+# its write buckets to `FileSystemWriterAsync`, which
+# - in 0.16.1 forks one writer process per bucket (`write_preloaded_data_multiproc`) and waits on a
+#   `JoinableQueue` for them: a writer that dies (SIGKILL; `_process_memory()` without psutil, outside the
+#   writer's try) leaves the trainer waiting forever, and a trainer killed with SIGKILL leaves its forked writers
+#   orphaned and blocked (1 kill in 8 in issue 13's trial);
+# - in 0.16.1 and 0.19.2 collects results through a `multiprocessing.Manager().Queue()`: a spawned server process
+#   per trainer (and tens of seconds of start-up on a busy host); 0.19 writes with threads.
+# Megatron-LM saves synchronously unless `--async-save` (ignored here). So the buckets are written one after
+# another in the calling thread with Megatron-Core's own `FileSystemWriterAsync.write_preloaded_data`, results
+# through a `queue.Queue`; a failing write comes back as the writer's exception, which Megatron-Core's finalisation
+# (a gather every rank takes part in) raises on every rank.
+
+
+def write_buckets_in_process(transform_list: list, rank: int, write_buckets: list, global_results_queue) -> None:
+    """Write each bucket with `FileSystemWriterAsync.write_preloaded_data`, in this thread.
+
+    Puts {bucket index: [WriteResult]} (or the first failing bucket's exception) into `global_results_queue`,
+    as `write_preloaded_data_multiproc` (0.16) / `_multithread` (0.19) do. Never raises for a write error.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    results = {}
+    for index, bucket in enumerate(write_buckets):
+        local_results, count = queue.Queue(), queue.Queue()
+        count.put(index)
+        try:
+            output = FileSystemWriterAsync.write_preloaded_data(
+                transform_list, local_proc_idx=index, write_bucket=bucket, results_queue=local_results,
+                count_queue=count, use_fsync=True)
+            if output is None:  # 0.16.1 reports through the queue only (0.19 also returns it)
+                output = local_results.get_nowait()
+        except Exception as err:  # raised outside write_preloaded_data's own try (e.g. psutil missing)
+            output = (index, err)
+        _, value = output
+        if isinstance(value, Exception):
+            global_results_queue.put(value)
+            return
+        results[index] = value
+    global_results_queue.put(results)
+
+
+@contextlib.contextmanager
+def in_process_checkpoint_writes():
+    """Within: Megatron-Core's torch_dist save strategy writes its files in the calling process (see above).
+
+    The strategy looks `FileSystemWriterAsync` up at call time (see below); the results queue is the writer
+    module's cached one (`_results_queue`, created on first use unless already set: set it to a `queue.Queue`).
+    """
+    import queue
+    from functools import partial
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    class InProcessFileSystemWriter(filesystem_async.FileSystemWriterAsync):
+        def get_save_function_and_args(self):
+            function, stage, args = super().get_save_function_and_args()
+            if function is None:
+                return function, stage, args
+            transform_list = [self.transforms] if hasattr(self, "transforms") else []
+            return partial(write_buckets_in_process, transform_list), stage, args
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+    # 0.16 names the writer class in strategies/torch.py (imported at module load); 0.19 imports it from
+    # filesystem_async at each save (`_import_mcore_async`)
+    modules = [m for m in (torch_strategy, filesystem_async) if hasattr(m, "FileSystemWriterAsync")]
+    originals = [m.FileSystemWriterAsync for m in modules]
+    for module in modules:
+        module.FileSystemWriterAsync = InProcessFileSystemWriter
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, originals):
+            module.FileSystemWriterAsync = original
 
 
 def load_sharded(sharded_state_dict: dict, checkpoint_dir: str) -> dict:
@@ -357,3 +447,16 @@ def reset_moe_metrics_tracker() -> None:
         get_moe_layer_wise_logging_tracker().clear()
         return
     destroy_moe_metrics_tracker()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MoE balancing losses under --calculate-per-token-loss
+
+
+def moe_aux_loss_grad_scales_with_tp() -> bool:
+    """Whether this release divides the MoE balancing-loss (and z-loss) gradient by TP x CP under
+    --calculate-per-token-loss: before 0.19 the router scales it by its local token count only, while
+    finalize_model_grads divides by the global count, which counts each sequence shard TP x CP times
+    (transformer/moe/router.py `attach_and_log_load_balancing_loss`, `apply_z_loss`; 0.19 multiplies by
+    `tp_cp_group.size()`). The trainer refuses the combination where it does (arguments.py)."""
+    return MCORE_VERSION < Version("0.19")

@@ -39,7 +39,7 @@ IGNORED_EXACT = {
     "--num-dataset-builder-threads", "--manual-gc", "--manual-gc-interval", "--no-manual-gc-eval",
     "--async-save", "--use-persistent-ckpt-worker", "--ckpt-fully-parallel-save", "--no-ckpt-fully-parallel-save",
     "--ckpt-fully-parallel-load", "--ckpt-assume-constant-structure", "--use-dist-ckpt", "--dist-ckpt-strictness",
-    "--check-for-nan-in-loss-and-grad", "--no-check-for-nan-in-loss-and-grad", "--check-for-spiky-loss",
+    "--check-for-spiky-loss",
     "--empty-unused-memory-level", "--no-async-tensor-model-parallel-allreduce", "--use-te-rng-tracker",
     "--deterministic-mode", "--align-grad-reduce", "--no-align-grad-reduce", "--disable-align-grad-reduce",
     "--no-align-param-gather", "--overlap-p2p-communication", "--no-overlap-p2p-communication",
@@ -184,6 +184,10 @@ def _add_training_args(parser):
                    dest="override_opt_param_scheduler")
     g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
                    action="store_true", dest="use_checkpoint_opt_param_scheduler")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false", dest="check_for_nan_in_loss_and_grad",
+                   help="do not stop at a NaN/Inf loss or gradient (Megatron-LM checks by default)")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true", dest="check_for_nan_in_loss_and_grad",
+                   default=True, help=argparse.SUPPRESS)
     g.add_argument("--exit-interval", type=int)
     g.add_argument("--exit-duration-in-mins", type=int)
     g.add_argument("--exit-signal-handler", action="store_true")
@@ -485,6 +489,9 @@ def derive_and_validate(args: argparse.Namespace) -> None:
         raise ValueError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
     _validate_data_args(args)
     _validate_tst_args(args)
+    from megatron_tst.training.resume_checks import check_schedule_flags
+
+    check_schedule_flags(args)
     if args.finetune and args.load is None and args.pretrained_checkpoint is None:
         raise ValueError("--finetune needs --load or --pretrained-checkpoint")
 
@@ -508,8 +515,14 @@ def _validate_layout(args) -> None:
     args.data_parallel_size = args.world_size // model_parallel
     if args.num_attention_heads % tp:
         raise ValueError(f"--num-attention-heads {args.num_attention_heads} is not divisible by TP={tp}")
-    if args.num_query_groups % tp:
-        raise ValueError(f"--num-query-groups {args.num_query_groups} is not divisible by TP={tp}")
+    if args.num_query_groups % tp and tp % args.num_query_groups:
+        # Megatron-Core (TransformerConfig, SelfAttention) accepts groups that TP divides, or that divide TP
+        # (then each group's KV head is computed on tp / groups ranks)
+        raise ValueError(f"--num-query-groups {args.num_query_groups} must be a multiple or a divisor of "
+                         f"TP={tp} (--tensor-model-parallel-size)")
+    if args.num_attention_heads % args.num_query_groups:
+        raise ValueError(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+                         f"--num-query-groups {args.num_query_groups}")
     if args.num_layers % pp:
         raise ValueError(f"--num-layers {args.num_layers} is not divisible by PP={pp}")
     if args.virtual_pipeline_model_parallel_size is not None:
@@ -533,6 +546,24 @@ def _validate_layout(args) -> None:
                              "of a pipeline stage")
         if args.moe_router_topk > args.num_experts:
             raise ValueError("--moe-router-topk is larger than --num-experts")
+        _check_moe_per_token_loss(args)
+
+
+def _check_moe_per_token_loss(args) -> None:
+    tp_cp = args.tensor_model_parallel_size * args.context_parallel_size
+    balancing = (args.moe_router_load_balancing_type in ("aux_loss", "seq_aux_loss", "global_aux_loss")
+                 and args.moe_aux_loss_coeff > 0)
+    from megatron_tst.platform import mcore_compat
+
+    if (args.calculate_per_token_loss and tp_cp > 1 and (balancing or args.moe_z_loss_coeff)
+            and mcore_compat.moe_aux_loss_grad_scales_with_tp()):
+        from megatron.core.package_info import __version__
+
+        raise ValueError(
+            f"--calculate-per-token-loss with MoE balancing losses (--moe-aux-loss-coeff/--moe-z-loss-coeff) at "
+            f"TP x CP = {tp_cp}: megatron-core {__version__} divides their gradient by TP x CP (fixed in 0.19), so "
+            "the model would train differently at each TP size. Drop --calculate-per-token-loss, or run at "
+            "TP = CP = 1, or use megatron-core >= 0.19")
 
 
 def _validate_data_args(args) -> None:

@@ -19,7 +19,11 @@ Safety: nothing is unpickled with `weights_only=False`. Common state, RNG states
 loaded with `torch.load(weights_only=True)` and an allow-list (megatron-core's safe globals, argparse.Namespace,
 and inert stand-ins for enum classes of newer megatron-core versions, e.g. a 0.19 checkpoint's args).
 A save goes to `iter_N.tmp` and is renamed to `iter_N` only when complete; the tracker file is then replaced
-atomically, so a crash at any point leaves the previous checkpoint loadable.
+atomically, so a crash at any point leaves the previous checkpoint loadable. Its files are written by the trainer
+process itself (mcore_compat.save_sharded: no writer process to outlive or hang it); a failed write ends the run on
+every rank with the writer's error, and a model with non-finite weights is never saved.
+Before a resume, check_load_arguments compares the model arguments, the sample stream and the LR schedule with the
+checkpoint's saved args (resume_checks.py).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
@@ -44,6 +49,7 @@ from megatron_tst.config import Phase
 from megatron_tst.parallel import collective_device
 from megatron_tst.platform import mcore_compat
 from megatron_tst.platform.mcore_compat import UnknownMegatronObject, read_common_state, safe_torch_load  # noqa: F401
+from megatron_tst.training import resume_checks
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
@@ -91,9 +97,11 @@ class ExitConditions:
     """Megatron-LM's exits: --exit-signal-handler (SIGTERM, and SLURM's SIGUSR1), --exit-duration-in-mins,
     --exit-interval. All ranks agree (one all-reduce) before anyone stops."""
 
-    def __init__(self, args):
+    def __init__(self, args, start_time: Optional[float] = None):
+        """start_time: seconds since the epoch the --exit-duration-in-mins clock counts from (Megatron-LM: the
+        process start, the earliest over ranks, see `earliest_start_time`); default now."""
         self.args = args
-        self.start = time.time()
+        self.start = time.time() if start_time is None else start_time
         self.signalled = None
         if args.exit_signal_handler:
             for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -117,6 +125,14 @@ class ExitConditions:
         if reason is None and args.exit_interval and state.iteration % args.exit_interval == 0:
             reason = f"--exit-interval {args.exit_interval}"
         return reason
+
+
+def earliest_start_time(local_start_time: float) -> float:
+    """The earliest of the ranks' start times (seconds since the epoch; all-reduce MIN, as Megatron-LM's
+    pretrain() reduces _TRAIN_START_TIME). Every rank calls it."""
+    value = torch.tensor([local_start_time], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return float(value.item())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -164,7 +180,7 @@ def check_load_arguments(args) -> None:
             raise SystemExit(f"--exit-on-missing-checkpoint: no checkpoint in --load {args.load}")
         print(f"no checkpoint found in --load {args.load}: starting from scratch", flush=True)
         return
-    directory, iteration, _ = target
+    directory, iteration, finetune = target
     if not os.path.isfile(os.path.join(directory, "metadata.json")):
         raise SystemExit(f"checkpoint {directory} (iteration {iteration}) is missing or incomplete")
     common = read_common_state(directory)
@@ -177,7 +193,39 @@ def check_load_arguments(args) -> None:
         if theirs is not None and ours != theirs:
             mismatches.append(f"--{name.replace('_', '-')}: checkpoint {theirs!r}, this run {ours!r}")
     if mismatches:
-        raise SystemExit(f"checkpoint {directory} does not match the model arguments:\n  " + "\n  ".join(mismatches))
+        raise SystemExit(f"checkpoint {directory} does not match the model arguments:\n  " + "\n  ".join(mismatches)
+                         + _vocab_hint(args, ckpt_args))
+    if not finetune:
+        resume_checks.check_resume(args, ckpt_args, directory, loads_schedule=_loads_schedule(args, finetune))
+
+
+def _loads_schedule(args, finetune: bool) -> bool:
+    """Megatron-LM loads the checkpoint's LR schedule unless --finetune or --no-load-optim; with
+    --use-checkpoint-opt_param-scheduler also under --no-load-optim (the schedule is the checkpoint's)."""
+    return not finetune and (not args.no_load_optim or args.use_checkpoint_opt_param_scheduler)
+
+
+def _vocab_hint(args, ckpt_args) -> str:
+    """For a padded-vocabulary mismatch: the flag behind it, and a value that pads like the checkpoint."""
+    theirs, ours = getattr(ckpt_args, "padded_vocab_size", None), getattr(args, "padded_vocab_size", None)
+    if theirs is None or theirs == ours:
+        return ""
+    from megatron_tst.training.tokenizer import vocab_size_with_padding
+
+    tp = args.tensor_model_parallel_size
+    vocab = getattr(args, "vocab_size_unpadded", None)
+    fits = [d for d in range(1, theirs // tp + 1)
+            if vocab is not None and theirs % (d * tp) == 0
+            and vocab_size_with_padding(vocab, d, tp) == theirs]
+    hint = (f"\nThe vocabulary is padded to a multiple of --make-vocab-size-divisible-by x TP (checkpoint "
+            f"{getattr(ckpt_args, 'make_vocab_size_divisible_by', '?')} x "
+            f"{getattr(ckpt_args, 'tensor_model_parallel_size', '?')} -> {theirs}, this run "
+            f"{args.make_vocab_size_divisible_by} x {tp} -> {ours})")
+    if fits:
+        hint += f": pass --make-vocab-size-divisible-by {max(fits)} to pad like the checkpoint at TP={tp}"
+    elif vocab is not None:
+        hint += f": no --make-vocab-size-divisible-by pads {vocab} ids to {theirs} at TP={tp}"
+    return hint
 
 
 def _model_arg(namespace, name):
@@ -310,6 +358,7 @@ def save_checkpoint(args, state: TrainState, model, optimizer, scheduler) -> Non
     if state.saved_iteration == state.iteration:
         return  # this exact state is in --save already (an interval save, then the final one; or just loaded)
     root = args.save
+    _refuse_non_finite_weights(args, state, model)
     final = checkpoint_dir(root, state.iteration)
     partial = final + ".tmp"
     rank = dist.get_rank()
@@ -323,7 +372,12 @@ def save_checkpoint(args, state: TrainState, model, optimizer, scheduler) -> Non
     dist.broadcast(wall_time, src=0)  # one value in the (replicated) common state
     state.wall_time_s = float(wall_time)
     sd = _state_dict(args, state, model, optimizer, scheduler, padded_vocab_size)
-    mcore_compat.save_sharded(sd, partial, content_metadata=_sharded_metadata(args))
+    error = None
+    try:
+        mcore_compat.save_sharded(sd, partial, content_metadata=_sharded_metadata(args))
+    except (Exception, CheckpointException) as err:  # a failed write (full disk, ...): Megatron-Core raises it
+        error = err  # on every rank (CheckpointException on the coordinator, which is a BaseException)
+    _stop_on_failed_save(error, partial, root)
     dist.barrier()
     if rank == 0:
         # An older iter_N (a leftover, or another lineage's after a --ckpt-step rollback) is moved aside by a
@@ -344,6 +398,36 @@ def save_checkpoint(args, state: TrainState, model, optimizer, scheduler) -> Non
     state.saved_iteration = state.iteration
     if rank == 0:
         print(f"saved checkpoint at iteration {state.iteration} to {final}", flush=True)
+
+
+def _stop_on_failed_save(error: Optional[BaseException], partial: str, root: str) -> None:
+    """All ranks agree whether the save failed; if it did, every rank exits non-zero with the writer's error,
+    the unfinished `iter_N.tmp` is removed and the tracker still names the last complete checkpoint."""
+    failed = torch.tensor([int(error is not None)], dtype=torch.int32, device=collective_device())
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if not failed.item():
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    latest = latest_iteration(root)
+    raise SystemExit(f"error: saving checkpoint {partial[:-len('.tmp')]} failed"
+                     + (f": {type(error).__name__}: {error}" if error is not None else " on another rank")
+                     + f"; the latest checkpoint in --save {root} stays "
+                     + (f"iteration {latest}" if latest is not None else "absent (none complete)"))
+
+
+def _refuse_non_finite_weights(args, state: TrainState, model) -> None:
+    """Never save a model holding NaN/Inf (--check-for-nan-in-loss-and-grad): every rank stops, the latest
+    checkpoint stays the last good one. A step with finite gradients can still overflow the weights."""
+    if not getattr(args, "check_for_nan_in_loss_and_grad", True):
+        return
+    from megatron_tst.training.step import agree_on_non_finite, params_are_finite
+
+    if agree_on_non_finite({"weights": not params_are_finite(model)}):
+        latest = latest_iteration(args.save)
+        raise SystemExit(f"error: the model's weights are non-finite at iteration {state.iteration}: not saving "
+                         f"(--check-for-nan-in-loss-and-grad); the latest checkpoint in --save {args.save} stays "
+                         f"{'iteration ' + str(latest) if latest is not None else 'absent'}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -377,13 +461,24 @@ def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
     for i, chunk in enumerate(model):
         unwrap_model(chunk).load_state_dict(loaded[_model_key(i, model)], strict=True)
     if load_optimizer:
+        command_line_lrs = [(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups]
+        saved_schedule = common.get("opt_param_scheduler") or {}
+        if saved_schedule.get("max_lr", saved_schedule.get("start_lr")) is not None:
+            # Megatron-Core 0.19 matches saved and current param groups by a key holding their max/min LR
+            # (optimizer.py): describe them as saved; an --override-opt_param-scheduler LR is put back below.
+            for group in optimizer.param_groups:
+                group["max_lr"] = saved_schedule.get("max_lr", saved_schedule.get("start_lr"))
+                group["min_lr"] = saved_schedule.get("min_lr", group.get("min_lr"))
         # no_grad: with fp32 params the main params are views of the model's leaf parameters and
         # the dp_reshardable loader copies into them in place (its fully_reshardable twin is no_grad already).
         with mcore_compat.fully_reshardable_step_fix(optimizer), torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
         mcore_compat.untie_adam_steps(optimizer)
-        if "opt_param_scheduler" in loaded:
-            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        if args.override_opt_param_scheduler:  # the loaded param groups carry the checkpoint's max/min LR
+            for group, (max_lr, min_lr) in zip(optimizer.param_groups, command_line_lrs):
+                group["max_lr"], group["min_lr"] = max_lr, min_lr
+    if _loads_schedule(args, finetune) and common.get("opt_param_scheduler") is not None:
+        _load_schedule(args, scheduler, optimizer, common["opt_param_scheduler"], directory)
     if load_rng:
         _restore_rng(loaded["rng_state"])
     elif dist.get_rank() == 0 and not finetune:
@@ -408,6 +503,23 @@ def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
         print(f"loaded checkpoint {directory} (iteration {iteration}"
               f"{', weights only' if finetune else ''}; consumed samples {state.consumed_train_samples})", flush=True)
     return state
+
+
+def _load_schedule(args, scheduler, optimizer, state: dict, directory: str) -> None:
+    """The checkpoint's LR/WD schedule position, with Megatron-LM's --override-opt_param-scheduler /
+    --use-checkpoint-opt_param-scheduler meaning (check_load_arguments has compared the values already)."""
+    try:
+        scheduler.load_state_dict(state)
+    except AssertionError as err:  # a mismatch the argument comparison could not see (no saved args)
+        raise SystemExit(f"error: the LR schedule of checkpoint {directory} differs from this run's ({err}): pass "
+                         "--override-opt_param-scheduler (this command line's schedule) or "
+                         "--use-checkpoint-opt_param-scheduler (the checkpoint's)") from None
+    if args.use_checkpoint_opt_param_scheduler:
+        # The param groups' max/min LR win over the scheduler's (OptimizerParamScheduler.get_lr): give them
+        # the checkpoint's, also when the optimizer state (and its groups) was not loaded.
+        for group in optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
+        scheduler.step(increment=0)
 
 
 def _check_optimizer_format(directory, sharding, args, same_layout) -> None:

@@ -155,52 +155,95 @@ def _blend(paths):
     return get_blend_from_list(list(paths)) if paths else None
 
 
-def build_datasets(args, tokenizer, sizes: List[int], is_built_on_rank, sequence_length: Optional[int] = None):
-    """(train, valid, test) GPTDatasets of at least `sizes` samples, through Megatron-Core's builder.
-
-    `sequence_length` (default --seq-length) is the datasets' sample length in tokens (each sample carries one
-    more token for its labels): s*L for the contiguous layout's windows (`SamplePlan.window_length`).
-    """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+def _dataset_config(args, tokenizer, sequence_length: Optional[int] = None):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     per_split = None
     if args.train_data_path or args.valid_data_path or args.test_data_path:
         per_split = [_blend(args.train_data_path), _blend(args.valid_data_path), _blend(args.test_data_path)]
-    config = GPTDatasetConfig(
+    return GPTDatasetConfig(
         random_seed=args.seed, sequence_length=sequence_length or args.seq_length,
         blend=None if per_split else _blend(args.data_path), blend_per_split=per_split,
         split=None if per_split else args.split, path_to_cache=args.data_cache_path, tokenizer=tokenizer,
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=args.eod_mask_loss,
         create_attention_mask=False,
     )
+
+
+_SPLIT_NAMES = ("train", "validation", "test")
+
+
+def _documents_in_split(prefix: str, split_range) -> int:
+    """Documents of `prefix` that Megatron's split (start, end) fractions give a split (as GPTDataset cuts)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    documents = len(IndexedDataset(prefix, mmap=True).document_indices) - 1
+    start, end = split_range
+    return max(int(round(end * documents)) - int(round(start * documents)), 0)
+
+
+def empty_splits(config) -> List[List[str]]:
+    """Per split (train, validation, test): the --data-path members that hold no document in it (a split of
+    weight 0 in --split, or per-split paths, count as not empty: nothing is built there)."""
+    if config.mock or config.blend_per_split is not None:
+        return [[], [], []]
+    out = []
+    for split_range in config.split_matrix:
+        out.append([] if split_range is None else
+                   [p for p in config.blend[0] if _documents_in_split(p, split_range) == 0])
+    return out
+
+
+def check_splits(args, tokenizer=None) -> None:
+    """Before heavy work: every --data-path member has documents in every split --split gives a share, or the
+    whole split is empty (then it is skipped, as the validation split without documents is). A member with an
+    empty split inside a blend would end in Megatron-Core's bare AssertionError (blended_dataset.py) or an
+    endless sample-index loop. Raises ValueError naming the member, the split and the ways forward."""
+    if args.mock_data or not args.data_path:
+        return
+    config = _dataset_config(args, tokenizer)
+    prefixes, weights = config.blend
+    for index, empty in enumerate(empty_splits(config)):
+        if not empty or (len(empty) == len(prefixes) and weights is None and index > 0):
+            continue
+        members = ", ".join(empty)
+        raise ValueError(
+            f"--data-path member(s) {members} hold no document in the {_SPLIT_NAMES[index]} split of --split "
+            f"{args.split} (too few documents for its share): raise that split's share in --split, leave "
+            f"{'them' if len(empty) > 1 else 'it'} out of the blend, or give the splits separately "
+            "(--train-data-path, --valid-data-path, --test-data-path)")
+
+
+def build_datasets(args, tokenizer, sizes: List[Optional[int]], is_built_on_rank,
+                   sequence_length: Optional[int] = None):
+    """(train, valid, test) GPTDatasets of at least `sizes` samples, through Megatron-Core's builder.
+
+    `sizes` as Megatron-LM's train_valid_test_num_samples (pretrain_gpt.py): an int per split (a weighted
+    blend needs one for every split); a split without any document is asked for None (one pass over nothing:
+    Megatron's GPTDataset would loop forever looking for samples there). `sequence_length` (default
+    --seq-length) is the datasets' sample length in tokens (each sample carries one more token for its
+    labels): s*L for the contiguous layout's windows (`SamplePlan.window_length`).
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
+
+    config = _dataset_config(args, tokenizer, sequence_length)
     cls = MockGPTDataset if args.mock_data else GPTDataset
     sizes = list(sizes)
-    # Megatron's GPTDataset loops forever when asked for samples from a split without documents (a small
-    # corpus and a tiny --split share): ask for no samples there (None = one pass over nothing).
-    for i in range(1, 3):
-        if not args.mock_data and _split_is_empty(config, i):
-            sizes[i] = None
+    if not args.mock_data and config.blend_per_split is None:
+        for i, empty in enumerate(empty_splits(config)):
+            if i > 0 and empty and len(empty) == len(config.blend[0]) and config.blend[1] is None:
+                sizes[i] = None
+    if config.blend_per_split is not None:
+        for i, blend in enumerate(config.blend_per_split):
+            if blend is None:
+                sizes[i] = None  # not built
     train, valid, test = BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank, config).build()
     if valid is not None and len(valid) == 0:
         valid = None
     if train is not None and len(train) == 0:
         raise ValueError("the train split holds no documents: check --data-path and --split")
     return train, valid, test
-
-
-def _split_is_empty(config, split: int) -> bool:
-    """Whether split `split` (0 train, 1 valid, 2 test) holds no document in any dataset of the blend."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    if config.blend_per_split is not None:
-        return config.blend_per_split[split] is None
-    start, end = config.split_matrix[split] if config.split_matrix[split] is not None else (0.0, 0.0)
-    for prefix in config.blend[0]:
-        documents = len(IndexedDataset(prefix, mmap=True).document_indices) - 1
-        if int(round(end * documents)) > int(round(start * documents)):
-            return False
-    return True
 
 
 class _Rows(torch.utils.data.Dataset):

@@ -125,4 +125,9 @@ def format_train_line(r: dict, train_iters: int) -> str:
         f" grad norm: {r['grad_norm']:.3f} | tokens per second: {r['tokens_per_s']:.1f} |"
         f" positions per second: {r['positions_per_s']:.1f} | TFLOP/s/GPU: {r['tflops_per_gpu']:.3f} |"
         f" MFU: {mfu} | number of skipped iterations: {r['skipped_iterations']:3d} |"
+        + "".join(f" {name}: {r[name]:.6E} |" for name in MOE_LOSS_NAMES if r.get(name) is not None)
     )
+
+
+# The MoE router losses as the metrics file names them (megatron-core's tracker names), in console order.
+MOE_LOSS_NAMES = ("load_balancing_loss", "seq_load_balancing_loss", "global_load_balancing_loss", "z_loss")

@@ -7,6 +7,7 @@ micro-batches, all-reduced over the data-parallel (+ context-parallel) group, di
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Iterator, List, Optional, Union
 
 import torch
@@ -41,8 +42,62 @@ def _reduce_losses(reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
     return _global_means(_sum_reports(reports))
 
 
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradient was NaN/Inf (--check-for-nan-in-loss-and-grad); the step was not applied.
+
+    Raised on every rank together (the finding is all-reduced), so no rank is left waiting in a collective.
+    `found` names what was non-finite, e.g. ["lm loss", "gradient"].
+    """
+
+    def __init__(self, found: List[str]):
+        super().__init__("non-finite " + ", ".join(found))
+        self.found = found
+
+
+# Bits of the all-reduced finding, in the order they are reported.
+_NON_FINITE_KINDS = ("loss", "gradient", "weights")
+
+
+def _grads_are_finite(model) -> bool:
+    """Whether every gradient this rank holds (Megatron DDP's grad buffers, dense and expert) is finite.
+
+    Run after finalize_model_grads (the data-parallel reduction): a NaN/Inf on any rank reaches the rank that
+    owns the shard, and each rank also checks what it computed itself.
+    """
+    for chunk in model:
+        for buffer in list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", [])):
+            if not bool(torch.isfinite(buffer.grad_data).all()):
+                return False
+    return True
+
+
+def params_are_finite(model) -> bool:
+    """Whether every parameter of this rank's model chunks is finite."""
+    return all(bool(torch.isfinite(p).all()) for chunk in model for p in chunk.parameters())
+
+
+def agree_on_non_finite(local: Dict[str, bool]) -> List[str]:
+    """All-reduce (MAX over the world) this rank's {kind: non-finite?}; the kinds found on any rank.
+
+    Every rank gets the same answer, so all of them stop together. One collective of a few ints.
+    """
+    from megatron_tst.parallel import collective_device
+
+    flags = torch.tensor([int(local.get(kind, False)) for kind in _NON_FINITE_KINDS], dtype=torch.int32,
+                         device=collective_device())
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return [kind for kind, flag in zip(_NON_FINITE_KINDS, flags.tolist()) if flag]
+
+
 def train_step(data: DataIterators, model, optimizer, scheduler, args) -> dict:
-    """Zero grads, forward/backward all micro-batches, optimizer step, LR step. Returns losses and grad norm."""
+    """Zero grads, forward/backward all micro-batches, optimizer step, LR step. Returns losses and grad norm.
+
+    With args.check_for_nan_in_loss_and_grad (Megatron-LM's default) the losses (MoE balancing losses
+    included) and every gradient are checked before the optimizer applies anything; a non-finite one raises
+    NonFiniteError on all ranks and the model, optimizer and schedule stay as they were before the step.
+    (Megatron-Core's own DDP check, DistributedDataParallelConfig.check_for_nan_in_grad, raises on the
+    rank that sees the NaN only, before the data-parallel collective, so the other ranks would wait.)
+    """
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -51,12 +106,21 @@ def train_step(data: DataIterators, model, optimizer, scheduler, args) -> dict:
         num_microbatches=get_num_microbatches(), seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size, forward_only=False,
     )
-    update_successful, grad_norm, _ = optimizer.step()
-    if update_successful:
-        scheduler.step(increment=args.global_batch_size)
     losses = _reduce_losses(reports)
     if args.num_experts:
         losses.update(moe_aux_losses(args))
+    if getattr(args, "check_for_nan_in_loss_and_grad", True):
+        loss_bad = not all(math.isfinite(v) for v in losses.values())
+        # fp16: an overflow in the scaled gradients is the loss scaler's business (it skips the step)
+        grad_bad = not args.fp16 and not _grads_are_finite(model)
+        found = agree_on_non_finite({"loss": loss_bad, "gradient": grad_bad})
+        if found:
+            bad = [f"{name} ({value})" for name, value in losses.items() if not math.isfinite(value)]
+            raise NonFiniteError([*(bad or (["loss"] if "loss" in found else [])),
+                                  *(["gradient"] if "gradient" in found else [])])
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=args.global_batch_size)
     return {"losses": losses, "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
             "skipped": 0 if update_successful else 1}
 
