@@ -256,10 +256,13 @@ def test_plan_accounts_for_the_fused_output_layer_and_loss():
     from megatron_tst.mce import default_chunk_size
 
     plan_tool = _plan_module()
-    unfused = plan_tool.plan("600m", [])["memory_gb_per_gpu"]
+    stock = plan_tool.plan("600m", [])
+    unfused = stock["memory_gb_per_gpu"]
     fused = plan_tool.plan("600m", ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "linear"])
     fused = fused["memory_gb_per_gpu"]
-    positions, vocab, hidden, bag = 8 * 2016, 128256, 960, 6  # micro batch x seq; Llama 3 vocabulary (x128)
+    # micro batch x seq; Llama 3's 128,256 ids padded as the recipe pads them (TP=1)
+    positions, vocab, hidden, bag = 8 * 2016, stock["padded_vocab_size"], 960, 6
+    assert stock["layout"]["tensor_model_parallel"] == 1 and vocab >= 128256
     assert unfused["logits"] * 2**30 == pytest.approx(positions * ((2 + 4) * vocab + 2 * 2 * hidden))
     chunk = default_chunk_size(vocab, positions)
     assert chunk == 130  # 64 MiB of fp32 logits

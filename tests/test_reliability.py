@@ -387,16 +387,17 @@ def test_a_vocabulary_padding_mismatch_names_the_flag(scheduled):
         checkpointing.check_load_arguments(args)
 
 
-def test_moe_balancing_losses_under_per_token_loss_at_tp_2_are_refused_where_megatron_core_scales_them():
+def test_moe_balancing_losses_under_per_token_loss_at_tp_2_are_refused_where_megatron_core_scales_them(capsys):
     from megatron_tst.training import arguments
 
-    argv = TINY + ["--lr", "1e-3", "--train-iters", "2", "--mock-data", "--num-experts", "4",
+    argv = TINY + ["--lr", "1e-3", "--train-iters", "2", "--mock-data", "--num-experts", "4", "--sequence-parallel",
                    "--moe-aux-loss-coeff", "1e-2", "--calculate-per-token-loss", "--tensor-model-parallel-size", "2"]
     from megatron_tst.platform import mcore_compat
 
     if mcore_compat.moe_aux_loss_grad_scales_with_tp():
         with pytest.raises(SystemExit):
             arguments.parse_args(argv, world_size=2)
+        assert "--calculate-per-token-loss with MoE balancing losses" in capsys.readouterr().err
     else:
         assert arguments.parse_args(argv, world_size=2).calculate_per_token_loss
     assert arguments.parse_args(argv[:-2], world_size=1).calculate_per_token_loss  # TP=1: no scaling issue

@@ -546,6 +546,11 @@ def _validate_layout(args) -> None:
                              "of a pipeline stage")
         if args.moe_router_topk > args.num_experts:
             raise ValueError("--moe-router-topk is larger than --num-experts")
+        if tp > 1 and not args.sequence_parallel:
+            # Megatron-Core's MoE layer refuses to train so (transformer/moe/moe_layer.py, MoELayer.forward),
+            # but only at the first forward, after the model and optimizer are built
+            raise ValueError(f"--num-experts with TP={tp} needs --sequence-parallel (Megatron-Core's MoE layer "
+                             "refuses training with tensor parallelism without it)")
         _check_moe_per_token_loss(args)
 
 
