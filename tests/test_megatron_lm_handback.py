@@ -121,12 +121,13 @@ def written(request, tmp_path_factory, megatron_single_process):
     def get(kind, tp):
         if (kind, tp) not in _written:
             save = str(tmp_path_factory.mktemp(f"{kind}_tp{tp}"))
-            argv = megatron_lm_argv(kind, tp) + [
-                "--mock-data", "--tst-bag-size", str(BAG), "--tst-superposition-iters", str(SUP_ITERS),
-                "--save", save, "--log-interval", "1", "--eval-iters", "0"]
+            tst_flags = ["--tst-bag-size", str(BAG), "--tst-superposition-iters", str(SUP_ITERS)]
+            argv = megatron_lm_argv(kind, tp) + ["--mock-data", *tst_flags, "--save", save, "--log-interval", "1",
+                                                 "--eval-iters", "0"]
             result = run(launcher(sys.executable, tp) + ["-m", "megatron_tst.pretrain"] + argv)
-            # Ours, at TP=1 (a TP=2 checkpoint resharded by our loader): the production load and evaluation.
-            ours = Trainer(megatron_lm_argv(kind, 1) + ["--load", save])
+            # Ours, at TP=1 (a TP=2 checkpoint resharded by our loader): the production load and evaluation, with
+            # the run's own TST flags (without them our loader refuses a resume on another sample stream).
+            ours = Trainer(megatron_lm_argv(kind, 1) + tst_flags + ["--load", save])
             state = ours.load()
             batch = fixed_batch()
             sequences = torch.cat([batch["tokens"], batch["labels"][:, -1:]], dim=1).tolist()
