@@ -79,13 +79,7 @@ class Run:
         self.state = checkpointing.TrainState()
         if args.load or args.pretrained_checkpoint:
             self.state = checkpointing.load_checkpoint(args, self.model, self.optimizer, self.scheduler)
-        self.plan = data.SamplePlan(args.global_batch_size, args.train_iters,
-                                    args.tst.bag_size if args.tst else 1,
-                                    args.tst_superposition_steps if args.tst else 0,
-                                    args.tst.sample_layout if args.tst else "contiguous")
-        if args.load and not args.finetune:
-            data.check_stream_continuation(self.state.data_stream, self.plan, self.state.consumed_train_samples,
-                                           where=f"the checkpoint loaded from {args.load}")
+        self.plan = data.SamplePlan.from_args(args)
         self.flops_per_step = training_flops_per_step(
             arguments.model_shape_from_args(args, self.padded_vocab_size), args.seq_length, args.global_batch_size)
         self.train_ds, self.valid_ds, self.valid_mce_ds = self._build_datasets()

@@ -190,7 +190,8 @@ def test_the_same_command_line_resumes(resumable):
     (["--global-batch-size", "4"], "--global-batch-size: checkpoint 2, this run 4"),
     (["--seed", "8"], "--seed: checkpoint 7, this run 8"),
     (["--split", "90,10,0"], "--split"),
-    (["--tst-bag-size", "4", "--seq-length", "16"], "--tst-bag-size: checkpoint 2, this run 4"),
+    # windows of 2 L-samples read as windows of 4: the layout check names the bag size to continue with
+    (["--tst-bag-size", "4", "--seq-length", "16"], "Continue with --tst-sample-layout contiguous and --tst-bag-size 2"),
     (["--tokenizer-type", "NullTokenizer", "--vocab-size", "120"], "--vocab-size: checkpoint 128, this run 120"),
     # a ratio-based phase plan: the superposition phase follows --train-iters, blame that flag
     (["--train-iters", "40"], "--train-iters: checkpoint 20, this run 40, and --tst-superposition-ratio 0.25"),

@@ -72,10 +72,6 @@ class TrainState:
     consumed_tokens: int = 0  # raw tokens
     num_floating_point_operations_so_far: float = 0.0
     wall_time_s: float = 0.0  # training time, summed over resumes
-    # The data stream the consumed samples belong to (training/data.py SamplePlan.stream(): sample layout and
-    # baseline samples per dataset sample), as the loaded checkpoint recorded it; None: not recorded (a
-    # checkpoint of Megatron-LM or of megatron-tst before the sample layouts: Megatron's stock L-samples).
-    data_stream: Optional[dict] = dataclasses.field(default=None, compare=False)
     # Bookkeeping, not progress: the iteration whose checkpoint in --save holds exactly this state (saved or
     # loaded there by this process), so a second save at it is skipped. Kept in memory, never read from the
     # tracker file, which may belong to another lineage (--ckpt-step rollback) and ranks could read differently.
@@ -196,7 +192,11 @@ def check_load_arguments(args) -> None:
         raise SystemExit(f"checkpoint {directory} does not match the model arguments:\n  " + "\n  ".join(mismatches)
                          + _vocab_hint(args, ckpt_args))
     if not finetune:
-        resume_checks.check_resume(args, ckpt_args, directory, loads_schedule=_loads_schedule(args, finetune))
+        tst = common.get("tst") or {}
+        stream = ({"sample_layout": tst.get("sample_layout"), "samples_per_window": tst["samples_per_window"]}
+                  if "samples_per_window" in tst else None)
+        resume_checks.check_resume(args, ckpt_args, directory, loads_schedule=_loads_schedule(args, finetune),
+                                   checkpoint_stream=stream)
 
 
 def _loads_schedule(args, finetune: bool) -> bool:
@@ -333,15 +333,13 @@ def _state_dict(args, state, model, optimizer, scheduler, padded_vocab_size, *, 
 def _tst_state(args, state: TrainState) -> dict:
     """Ours, for people and tools inspecting a checkpoint; a load reads back consumed tokens, wall time and the
     data stream (version 2: `sample_layout`, `samples_per_window`; version 1 had no sample layouts)."""
-    tst = getattr(args, "tst", None)
-    superposition_steps = args.tst_superposition_steps if tst else 0
     from megatron_tst.training.data import SamplePlan
 
-    bag_size = tst.bag_size if tst else 1
-    stream = SamplePlan(args.global_batch_size, args.train_iters, bag_size, superposition_steps,
-                        tst.sample_layout if tst else "contiguous").stream()
+    tst = getattr(args, "tst", None)
+    plan = SamplePlan.from_args(args)
+    superposition_steps = plan.superposition_steps
     return {
-        "version": 2, **stream, "bag_size": bag_size, "superposition_steps": superposition_steps,
+        "version": 2, **plan.stream(), "bag_size": plan.bag_size, "superposition_steps": superposition_steps,
         "weighting": tst.weighting if tst else None, "train_iters": args.train_iters,
         "phase_of_next_step": (Phase.SUPERPOSITION if state.iteration < superposition_steps else Phase.RECOVERY).value,
         "consumed_train_samples": state.consumed_train_samples, "consumed_tokens": state.consumed_tokens,
@@ -494,8 +492,6 @@ def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
             consumed_tokens=int(tst.get("consumed_tokens", samples * getattr(ckpt_args, "seq_length", args.seq_length))),
             num_floating_point_operations_so_far=float(loaded.get("num_floating_point_operations_so_far", 0.0)),
             wall_time_s=float(tst.get("wall_time_s", 0.0)),
-            data_stream=({"sample_layout": tst.get("sample_layout"), "samples_per_window": tst["samples_per_window"]}
-                         if "samples_per_window" in tst else None),
         )
         if args.save and os.path.realpath(directory) == os.path.realpath(checkpoint_dir(args.save, iteration)):
             state.saved_iteration = state.iteration

@@ -58,6 +58,13 @@ class SamplePlan:
     superposition_steps: int = 0
     sample_layout: str = "contiguous"
 
+    @classmethod
+    def from_args(cls, args) -> "SamplePlan":
+        """The plan of a parsed command line (`arguments.parse_args`): the one place the phase plan is derived."""
+        tst = getattr(args, "tst", None)
+        return cls(args.global_batch_size, args.train_iters, tst.bag_size if tst else 1,
+                   args.tst_superposition_steps if tst else 0, tst.sample_layout if tst else "contiguous")
+
     @property
     def samples_per_window(self) -> int:
         """Baseline samples per sample of the train dataset: s for the contiguous layout, else 1."""

@@ -35,6 +35,13 @@ def _superposition_steps(ns) -> int:
     return int(getattr(ns, "tst_superposition_steps", 0) or 0) if _bag_size(ns) > 1 else 0
 
 
+def _superposition_steps_taken(args, ckpt_args) -> bool:
+    """Whether either run's plan puts a superposition step before the checkpoint's iteration (only then does the
+    bag size decide how many samples the steps up to the checkpoint consumed)."""
+    iteration = int(getattr(ckpt_args, "iteration", 0) or 0)
+    return min(iteration, _superposition_steps(ckpt_args)) > 0 or min(iteration, _superposition_steps(args)) > 0
+
+
 def _blend(paths) -> Optional[Tuple]:
     """A --*data-path value as ((basename, weight), ...): moving the files to another directory is no change."""
     if not paths:
@@ -112,6 +119,8 @@ def stream_mismatches(args, ckpt_args) -> List[str]:
         if mock_before and flag in ("--data-path", "--train-data-path", "--split"):
             continue
         ours, theirs = value_of(args), value_of(ckpt_args)
+        if flag == "--tst-bag-size" and not _superposition_steps_taken(args, ckpt_args):
+            continue  # the bag size shaped no step before the checkpoint (the kind of samples is checked apart)
         if flag in ("--tst-bag-size", "superposition steps") or theirs is not None:
             if not _same(ours, theirs):
                 lines.append(_describe_stream(flag, theirs, ours, args, ckpt_args))
@@ -153,14 +162,22 @@ def schedule_mismatches(args, ckpt_args) -> List[str]:
     return lines
 
 
-def check_resume(args, ckpt_args, directory: str, loads_schedule: bool) -> None:
+def check_resume(args, ckpt_args, directory: str, loads_schedule: bool,
+                 checkpoint_stream: Optional[dict] = None) -> None:
     """Raise SystemExit naming every mismatching flag, both values and the ways forward (see module docstring).
 
     `loads_schedule`: whether the checkpoint's LR schedule is loaded (not with --finetune, nor with
-    --no-load-optim unless --use-checkpoint-opt_param-scheduler).
+    --no-load-optim unless --use-checkpoint-opt_param-scheduler). `checkpoint_stream`: the `tst` entry's record of
+    the samples the checkpoint's run read (`SamplePlan.stream()`; None: Megatron's stock samples).
     """
     if ckpt_args is None:
         return
+    from megatron_tst.training import data
+
+    # First the kind of samples (stock L-samples or s*L windows): its message names the layout flag to continue.
+    data.check_stream_continuation(checkpoint_stream, data.SamplePlan.from_args(args),
+                                   int(getattr(ckpt_args, "consumed_train_samples", 0) or 0),
+                                   where=f"checkpoint {directory}")
     stream = stream_mismatches(args, ckpt_args)
     if stream:
         raise SystemExit(
