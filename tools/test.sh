@@ -6,15 +6,16 @@
 # Tests that cross versions (a checkpoint written on one version resumed on the other, Megatron-LM 0.19.2's own
 # loader reading ours) find the other venv's python through MEGATRON_TST_PYTHON_0_16 / MEGATRON_TST_PYTHON_0_19.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 versions=${MCORE:-0.16.1 0.19.2}
 for v in 0.16.1 0.19.2; do
   venv=$(tools/install.sh --venv-of "$v") || exit 2
   [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import megatron.core, megatron_tst' 2>/dev/null \
     || tools/install.sh --mcore "$v" || exit 2
 done
-export MEGATRON_TST_PYTHON_0_16="$PWD/$(tools/install.sh --venv-of 0.16.1)/bin/python"
-export MEGATRON_TST_PYTHON_0_19="$PWD/$(tools/install.sh --venv-of 0.19.2)/bin/python"
+MEGATRON_TST_PYTHON_0_16="$PWD/$(tools/install.sh --venv-of 0.16.1)/bin/python"
+MEGATRON_TST_PYTHON_0_19="$PWD/$(tools/install.sh --venv-of 0.19.2)/bin/python"
+export MEGATRON_TST_PYTHON_0_16 MEGATRON_TST_PYTHON_0_19
 status=0
 for v in $versions; do
   venv=$(tools/install.sh --venv-of "$v") || exit 2
