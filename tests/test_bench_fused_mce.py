@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_gpu_script_smoke_run_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_fused_mce.py"), "--gpu", "--allow-cpu",
-                           "--trainer", "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                           "--trainer", "--trainer-warmup", "0", "--trainer-steps", "2", "--num-microbatches", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| V | dtype | s | fused s |" in proc.stdout
