@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-from collections import defaultdict
 
 import numpy as np
 import pytest

@@ -233,7 +233,6 @@ def memory_per_gpu(args, shape, padded_vocab: int, superposition: bool = True) -
     dense_shards = dp * cp if args.use_distributed_optimizer else 1
     expert_shards = args.world_size // (pp * ep * etp) if args.use_distributed_optimizer else 1
     positions = args.micro_batch_size * args.seq_length / cp  # per micro batch on this rank (before SP)
-    t_sp = tp if args.sequence_parallel else 1
     layers_per_stage = shape.num_layers // pp
     pattern = shape.moe_layer_pattern()
     s = args.tst_bag_size if superposition and getattr(args, "tst", None) is not None else None

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 from typing import List, Optional, Sequence
 
 import torch
