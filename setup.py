@@ -19,7 +19,7 @@ setup(
         "psutil",  # megatron-core's async checkpoint writer hangs without it
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "pytest-randomly", "ruff"],  # pytest-randomly: tools/test.sh --shuffled; ruff: ruff.toml
         "gpu": ["transformer-engine[pytorch]"],
         "text": ["tokenizers", "sentencepiece"],
         "logging": ["tensorboard"],

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
-import math
 from typing import Optional
 
-from megatron_tst.mce import WEIGHTINGS
-
+from megatron_tst.mce import IGNORE_INDEX, WEIGHTINGS
 
 # What a superposition row is made of: "contiguous" (the paper's) or "segments" (s baseline samples; see TSTConfig).
 SAMPLE_LAYOUTS = ("contiguous", "segments")
-
-
-class Phase(str, enum.Enum):
-    """Training phase. The string values are what logs and metrics files carry."""
-
-    SUPERPOSITION = "superposition"
-    RECOVERY = "recovery"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +33,7 @@ class TSTConfig:
     superposition_ratio: Optional[float] = None
     superposition_iters: Optional[int] = None
     weighting: str = "uniform"
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     sample_layout: str = "contiguous"
 
     def __post_init__(self):
@@ -64,23 +54,6 @@ class TSTConfig:
             raise ValueError(f"--tst-weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.sample_layout not in SAMPLE_LAYOUTS:
             raise ValueError(f"--tst-sample-layout must be one of {SAMPLE_LAYOUTS}, got {self.sample_layout!r}")
-
-    def superposition_steps(self, train_iters: int) -> int:
-        """Number of optimizer steps in the superposition phase of a `train_iters`-step run."""
-        if self.superposition_iters is not None:
-            steps = self.superposition_iters
-        else:
-            steps = int(math.floor(self.superposition_ratio * train_iters + 1e-9))
-        if steps >= train_iters:
-            raise ValueError(
-                f"{steps} superposition steps leave no recovery phase in a {train_iters}-step run; "
-                f"the recovery phase is required"
-            )
-        return steps
-
-    def phase_at(self, iteration: int, train_iters: int) -> Phase:
-        """Phase of the step that starts at `iteration` completed steps (0-based)."""
-        return Phase.SUPERPOSITION if iteration < self.superposition_steps(train_iters) else Phase.RECOVERY
 
     def check_layout(self, seq_length: Optional[int], *, tensor_parallel_size: int = 1,
                      sequence_parallel: bool = False, context_parallel_size: int = 1,

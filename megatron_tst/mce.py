@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 
 WEIGHTINGS = ("uniform", "power", "exp", "first")
+#: The target id of an absent target (PyTorch's and Megatron's cross-entropy default).
+IGNORE_INDEX = -100
 
 
 def bag_slot_weights(bag_size: int, weighting: str, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -82,7 +84,7 @@ def target_weights(valid_lbs: torch.Tensor, weighting: str, dtype=torch.float32)
     return w / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
-def positions_with_targets(targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def positions_with_targets(targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Bool mask [...] of positions that have at least one valid target in targets [..., s]."""
     return (targets != ignore_index).any(dim=-1)
 
@@ -245,7 +247,7 @@ def vocab_parallel_multi_hot_cross_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     weighting: str = "uniform",
     tp_group: Optional[dist.ProcessGroup] = None,
     inplace: bool = False,
@@ -290,14 +292,18 @@ def vocab_parallel_multi_hot_cross_entropy(
 # ----------------------------------------------------------------------------------------------------------
 # The output layer and the MCE fused, in chunks of positions
 
+#: How far the incoming gradient may be from c * loss_weights (relative to its largest entry) with eager gradients.
+EAGER_GRADIENT_RTOL = 1e-4
+
 #: Default budget of one chunk's float32 logits shard, in bytes (see `default_chunk_size`).
-CHUNK_LOGITS_BYTES = 64 * 2**20
+CHUNK_LOGITS_BYTES = 128 * 2**20
 
 
 def default_chunk_size(vocab_local: int, positions: int) -> int:
     """Positions per chunk when `chunk_size=None`: as many as keep one chunk's float32 logits shard
-    [chunk, V/tp] within `CHUNK_LOGITS_BYTES` (64 MiB: 128 positions at V/tp = 131,072), at least 16, at
-    most all `positions`. Chosen with tools/bench_mce.py (README: "The fused output layer and loss")."""
+    [chunk, V/tp] within `CHUNK_LOGITS_BYTES` (128 MiB: 256 positions at V/tp = 131,072), at least 16, at
+    most all `positions`. Chosen with tools/bench_fused_mce.py (README: "The fused output layer + loss vs the
+    unfused ones": 256 rather than 128 positions at V = 131,072 made the CPU case 17 % faster)."""
     return max(1, min(positions, max(16, CHUNK_LOGITS_BYTES // (4 * max(1, vocab_local)))))
 
 
@@ -348,7 +354,8 @@ class _FusedLinearVocabParallelMultiHotCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weighting, ignore_index, tp_group, sequence_parallel, chunk_size):
+    def forward(ctx, hidden, weight, targets, weighting, ignore_index, tp_group, sequence_parallel, chunk_size,
+                loss_weights):
         tp_group, tp_rank, tp_size = _tp_rank_and_size(tp_group)
         sp = sequence_parallel and tp_size > 1
         spread = tp_size if sp else 1
@@ -363,6 +370,17 @@ class _FusedLinearVocabParallelMultiHotCrossEntropy(torch.autograd.Function):
         logsumexp = torch.empty(spread, n_local, dtype=compute_dtype, device=hidden.device)
         index_r, weights_r, has_r = (t.view((spread, n_local) + tuple(t.shape[1:]))
                                      for t in (local_index, local_weights, has_target))
+        # Eager gradients (`loss_weights` given, see the public function): computed here from each chunk's
+        # softmax, scaled by the incoming gradient's one scalar in backward; no recomputation.
+        eager = loss_weights is not None
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if eager:
+            lw_r = loss_weights.to(compute_dtype).view(spread, n_local)
+            weight_g = weight_t.t()
+            grad_hidden_w = (torch.empty(hidden.shape, dtype=compute_dtype, device=hidden.device) if want_hidden
+                             else None)
+            grad_weight_w = (torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device) if want_weight
+                             else None)
         with torch.no_grad():
             for start in range(0, n_local, step):
                 stop = min(n_local, start + step)
@@ -377,7 +395,29 @@ class _FusedLinearVocabParallelMultiHotCrossEntropy(torch.autograd.Function):
                 chunk_has = has_r[:, start:stop].reshape(-1)
                 loss[:, start:stop] = _position_loss(sum_exp, target_logit, chunk_has).view(spread, -1)
                 logsumexp[:, start:stop] = (row_max + torch.log(sum_exp)).view(spread, -1)
+                if eager:  # logits holds exp(z - max): the softmax is one division away
+                    grad_logits = _logit_gradient(
+                        logits.div_(sum_exp.unsqueeze(-1)), chunk_index, chunk_weights, chunk_has,
+                        lw_r[:, start:stop].reshape(-1)).to(gemm_dtype)
+                    if want_hidden:
+                        partial = _mm(grad_logits, weight_g, compute_dtype)  # this shard's part [spread*n, h]
+                        grad_hidden_w[start:stop] = (_reduce_scatter_rows(partial, tp_group, tp_size) if sp
+                                                     else partial)
+                    if want_weight:
+                        rows_g = rows.to(gemm_dtype)
+                        if grad_logits.dtype == compute_dtype:
+                            grad_weight_w.addmm_(grad_logits.t(), rows_g)
+                        else:
+                            grad_weight_w += _mm(grad_logits.t(), rows_g, compute_dtype)
+                    del grad_logits
                 del logits
+        ctx.eager = eager
+        if eager:
+            if want_hidden and tp_size > 1 and not sp:  # as ColumnParallelLinear's backward all-reduces it
+                dist.all_reduce(grad_hidden_w, op=dist.ReduceOp.SUM, group=tp_group)
+            ctx.save_for_backward(loss_weights.to(compute_dtype), grad_hidden_w, grad_weight_w)
+            ctx.dtypes, ctx.eager_used = (hidden.dtype, weight.dtype), False
+            return loss.view(-1)
         ctx.save_for_backward(hidden, weight, local_index, local_weights, has_target, logsumexp.view(-1))
         ctx.tp_group, ctx.tp_size, ctx.sp, ctx.step = tp_group, tp_size, sp, step
         ctx.compute_dtype, ctx.gemm_dtype = compute_dtype, gemm_dtype
@@ -385,6 +425,8 @@ class _FusedLinearVocabParallelMultiHotCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.eager:
+            return _FusedLinearVocabParallelMultiHotCrossEntropy._eager_backward(ctx, grad_loss)
         hidden, weight, local_index, local_weights, has_target, logsumexp = ctx.saved_tensors
         tp_group, tp_size, sp, step = ctx.tp_group, ctx.tp_size, ctx.sp, ctx.step
         compute_dtype, gemm_dtype = ctx.compute_dtype, ctx.gemm_dtype
@@ -423,7 +465,30 @@ class _FusedLinearVocabParallelMultiHotCrossEntropy(torch.autograd.Function):
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=tp_group)
         if want_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+    @staticmethod
+    def _eager_backward(ctx, grad_loss):
+        """The forward's gradients times c, the scalar with grad_loss = c * loss_weights (asserted on the device:
+        no host synchronisation; a CPU tensor asserts at once, a CUDA one asynchronously)."""
+        if ctx.eager_used:
+            raise RuntimeError("fused_linear_vocab_parallel_multi_hot_cross_entropy(loss_weights=...) computed its "
+                               "gradients once, in the forward: a second backward through it is not supported "
+                               "(call it without loss_weights to backpropagate twice)")
+        ctx.eager_used = True
+        loss_weights, grad_hidden_w, grad_weight_w = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        g = grad_loss.reshape(-1).to(loss_weights.dtype)
+        c = (g * loss_weights).sum() / (loss_weights * loss_weights).sum().clamp_min(torch.finfo(g.dtype).tiny)
+        residual = (g - c * loss_weights).abs().amax()
+        torch._assert_async(residual <= EAGER_GRADIENT_RTOL * g.abs().amax(),
+                            "fused_linear_vocab_parallel_multi_hot_cross_entropy(loss_weights=...): the loss's "
+                            "gradient is not one scalar times loss_weights (reduce the loss with those weights, "
+                            "or call it without loss_weights)")
+        # In place: no second [V/tp, h] float32 buffer at the peak (the gradients are used once, checked above).
+        grad_hidden = grad_hidden_w.mul_(c).to(hidden_dtype) if grad_hidden_w is not None else None
+        grad_weight = grad_weight_w.mul_(c).to(weight_dtype) if grad_weight_w is not None else None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def fused_linear_vocab_parallel_multi_hot_cross_entropy(
@@ -431,12 +496,13 @@ def fused_linear_vocab_parallel_multi_hot_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     weighting: str = "uniform",
     tp_group: Optional[dist.ProcessGroup] = None,
     sequence_parallel: bool = False,
     chunk_size: Optional[int] = None,
     validate: bool = True,
+    loss_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The output layer and the multi-hot cross-entropy fused: per-position loss from hidden states.
 
@@ -464,6 +530,14 @@ def fused_linear_vocab_parallel_multi_hot_cross_entropy(
             `default_chunk_size`. Under sequence parallelism each rank contributes ceil(chunk_size / tp) rows.
         validate: check target ids and the shard widths across the group (a host-device synchronisation and an
             extra all-reduce); the model's loss path turns it off.
+        loss_weights: None, or [L, b] the weights the caller reduces the returned loss with (Megatron's
+            `loss_mask`: the masked sum / mean of the loss function). Given, and with gradients wanted, the
+            gradients are computed in the forward from each chunk's softmax (three GEMMs of the logits' size in
+            all, not four: no recomputation; Liger-Kernel's fused linear cross-entropy does the same for its
+            reduced loss) and kept until backward (this shard's float32 weight gradient and the hidden states'),
+            and the backward scales them by the one scalar c with grad_loss = c * loss_weights. A gradient of
+            another form is not silently mis-applied: a device-side assertion fails (at once on CPU,
+            asynchronously on CUDA).
 
     Returns:
         [L, b] per-position loss, float32 (float64 for float64 inputs). Its gradient flows to `hidden` (the full
@@ -503,9 +577,15 @@ def fused_linear_vocab_parallel_multi_hot_cross_entropy(
     if validate:
         _check_values(targets, ignore_index, weight.shape[0], group, tp_size, "weight")
     positions = length * hidden.shape[1]
+    if loss_weights is not None:
+        if tuple(loss_weights.shape) != (length, hidden.shape[1]) or not loss_weights.dtype.is_floating_point:
+            raise ValueError(f"loss_weights must be a floating [L, b] = {(length, hidden.shape[1])} tensor (the "
+                             f"weights the loss is reduced with), got {loss_weights.dtype} {tuple(loss_weights.shape)}")
+        if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+            loss_weights = None  # no backward: nothing to compute eagerly
     if chunk_size is None:
         chunk_size = default_chunk_size(weight.shape[0], positions)
     loss = _FusedLinearVocabParallelMultiHotCrossEntropy.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(positions, -1), weighting, ignore_index,
-        group, sp, chunk_size)
+        group, sp, chunk_size, None if loss_weights is None else loss_weights.detach().reshape(-1))
     return loss.view(length, hidden.shape[1])

@@ -46,6 +46,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_tst.config import TSTConfig
 from megatron_tst.mce import (
+    IGNORE_INDEX,
     fused_linear_vocab_parallel_multi_hot_cross_entropy,
     vocab_parallel_multi_hot_cross_entropy,
 )
@@ -109,16 +110,20 @@ class FusedLossOutputLayer(ColumnParallelLinear):
     re-classes the output layer GPTModel built (`TSTGPTModel.__init__`).
     """
 
-    _tst_pending = None  # (targets [L, b, s], weighting, ignore_index) during a fused forward
+    # (targets [L, b, s], weighting, ignore_index, loss weights [L, b] or None) during a fused forward
+    _tst_pending = None
 
     def forward(self, input_, weight=None, runtime_gather_output=None, **kwargs):
         pending = self._tst_pending
         if pending is None:
             return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs)
-        targets_lbs, weighting, ignore_index = pending
+        targets_lbs, weighting, ignore_index, loss_weights_lb = pending
+        # With the loss weights (the loss mask forward_step's loss_func reduces with) the gradients are computed
+        # in the forward: three GEMMs of the logits' size instead of four.
         loss_lb = fused_linear_vocab_parallel_multi_hot_cross_entropy(
             input_, self.weight if weight is None else weight, targets_lbs, ignore_index=ignore_index,
             weighting=weighting, tp_group=self.tp_group, sequence_parallel=self.sequence_parallel, validate=False,
+            loss_weights=loss_weights_lb,
         )
         return loss_lb, None
 
@@ -187,9 +192,12 @@ class TSTGPTModel(GPTModel):
         if not tst_superposition:
             if not fuse:
                 return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels, *args, **kwargs)
-            # A stock step through the fused output layer: targets [L, b, 1], the cross-entropy.
+            # A stock step through the fused output layer: targets [L, b, 1], the cross-entropy, reduced with
+            # Megatron's loss mask (forward_step passes it) when there is one.
+            loss_mask = kwargs.get("loss_mask")
             with self._fused_loss(labels.transpose(0, 1).unsqueeze(-1), "uniform",
-                                  self.tst.ignore_index if self.tst else -100):
+                                  self.tst.ignore_index if self.tst else IGNORE_INDEX,
+                                  None if loss_mask is None else loss_mask.transpose(0, 1).float()):
                 return super().forward(input_ids, position_ids, attention_mask, decoder_input, labels, *args, **kwargs)
         if self.tst is None:
             raise RuntimeError("this model was built without TST settings; it cannot run a superposition step")
@@ -203,16 +211,20 @@ class TSTGPTModel(GPTModel):
         self._mce_active = True
         try:
             if fuse:
-                with self._fused_loss(labels.transpose(0, 1), self.tst.weighting, self.tst.ignore_index):
+                # A superposition step's loss mask is its positions with targets (make_superposition_batch).
+                targets_lbs = labels.transpose(0, 1)
+                has_target_lb = (targets_lbs != self.tst.ignore_index).any(dim=-1).float()
+                with self._fused_loss(targets_lbs, self.tst.weighting, self.tst.ignore_index, has_target_lb):
                     return super().forward(None, None, attention_mask, decoder_input, labels, *args, **kwargs)
             return super().forward(None, None, attention_mask, decoder_input, labels, *args, **kwargs)
         finally:
             self._mce_active = False
 
     @contextlib.contextmanager
-    def _fused_loss(self, targets_lbs, weighting, ignore_index):
-        """Within: the output layer returns the fused loss for `targets_lbs` [L, b, s] instead of logits."""
-        self.output_layer._tst_pending = (targets_lbs, weighting, ignore_index)
+    def _fused_loss(self, targets_lbs, weighting, ignore_index, loss_weights_lb=None):
+        """Within: the output layer returns the fused loss for `targets_lbs` [L, b, s] instead of logits
+        (`loss_weights_lb` [L, b]: what the loss function reduces it with, or None)."""
+        self.output_layer._tst_pending = (targets_lbs, weighting, ignore_index, loss_weights_lb)
         self._fused_loss_active = True
         try:
             yield
@@ -232,7 +244,7 @@ class TSTGPTModel(GPTModel):
         targets_lbs = labels.transpose(0, 1) if self._mce_active else labels.transpose(0, 1).unsqueeze(-1)
         # The logits are a temporary of this forward: let the MCE reuse them, as Megatron's CE does.
         loss_lb = vocab_parallel_multi_hot_cross_entropy(
-            logits, targets_lbs, ignore_index=self.tst.ignore_index if self.tst else -100,
+            logits, targets_lbs, ignore_index=self.tst.ignore_index if self.tst else IGNORE_INDEX,
             weighting=self.tst.weighting if self._mce_active else "uniform",
             tp_group=self.pg_collection.tp, inplace=True, validate=False,
         )

@@ -138,7 +138,7 @@ def architecture_options(args) -> Dict[str, object]:
 
 def count_parameters_from_args(args, padded_vocab_size: int) -> Dict[str, int]:
     """`count_parameters` for parsed trainer arguments (megatron_tst.training.arguments.parse_args)."""
-    from megatron_tst.training.arguments import model_shape_from_args
+    from megatron_tst.training.configs import model_shape_from_args
 
     return count_parameters(model_shape_from_args(args, padded_vocab_size), **architecture_options(args))
 

@@ -8,38 +8,26 @@ plain Megatron baseline run of the same model.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.num_microbatches_calculator import get_num_microbatches
-from megatron.core.utils import get_attr_wrapped_model
 
-from megatron_tst.config import Phase
 from megatron_tst.flops import training_flops_per_step
-from megatron_tst.parallel import collective_device
-from megatron_tst.training import arguments, checkpointing, data
-from megatron_tst.training.build import (
-    build_model, build_optimizer_and_scheduler, configure_schedule_hooks, initialize_distributed)
-from megatron_tst.training.metrics import MetricsWriter, device_peak_tflops
-from megatron_tst.training.step import NonFiniteError, evaluate, train_step
+from megatron_tst.training import arguments, checkpointing, configs, data
+from megatron_tst.training.build import build_components, setup_parallel
+from megatron_tst.training.metrics import Interval, MetricsWriter, device_peak_tflops
+from megatron_tst.training.ranks import any_rank, is_last_rank, print_rank_0
+from megatron_tst.training.run_state import ExitConditions, TrainState, earliest_start_time, write_exit_marker
+from megatron_tst.training.schedule import Phase, SamplePlan
+from megatron_tst.training.step import NonFiniteError, StepSettings, evaluate, train_step
 from megatron_tst.training.tokenizer import build_tokenizer, vocab_size_with_padding
 
 # Megatron-LM's _TRAIN_START_TIME: --exit-duration-in-mins counts from process start (the earliest rank's),
 # set-up (process groups, model build, checkpoint load, dataset indexing) included.
 _PROCESS_START_TIME = time.time()
-
-
-def print_rank_0(message: str) -> None:
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(message, flush=True)
-
-
-def is_last_rank() -> bool:
-    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
 
 
 class Run:
@@ -62,8 +50,8 @@ class Run:
                 raise SystemExit(f"error: {err}") from None
         checkpointing.check_load_arguments(args)
 
-        initialize_distributed(args)
-        start_time = checkpointing.earliest_start_time(_PROCESS_START_TIME)
+        setup_parallel(args)
+        start_time = earliest_start_time(_PROCESS_START_TIME)
         print_rank_0(f"using world size: {args.world_size}, data-parallel size: {args.data_parallel_size}, "
                      f"context-parallel size: {args.context_parallel_size}, tensor-model-parallel size: "
                      f"{args.tensor_model_parallel_size}, pipeline-model-parallel size: "
@@ -72,25 +60,25 @@ class Run:
         if args.ignored_flags:
             print_rank_0(f"ignored Megatron-LM flags (they do not change what is trained here): "
                          f"{' '.join(args.ignored_flags)}")
-        self.config = arguments.transformer_config_from_args(args)
-        self.model = build_model(args, self.config, arguments.model_options_from_args(args, self.padded_vocab_size))
-        self.optimizer, self.scheduler = build_optimizer_and_scheduler(args, self.model)
-        configure_schedule_hooks(args, self.model, self.optimizer)
-        self.state = checkpointing.TrainState()
+        components = build_components(args, self.padded_vocab_size)
+        self.config, self.model = components.config, components.model
+        self.optimizer, self.scheduler = components.optimizer, components.scheduler
+        self.settings = StepSettings.from_args(args)
+        self.state = TrainState()
         if args.load or args.pretrained_checkpoint:
             self.state = checkpointing.load_checkpoint(args, self.model, self.optimizer, self.scheduler)
-        self.plan = data.SamplePlan.from_args(args)
+        self.plan = SamplePlan.from_args(args)
         self.flops_per_step = training_flops_per_step(
-            arguments.model_shape_from_args(args, self.padded_vocab_size), args.seq_length, args.global_batch_size)
+            configs.model_shape_from_args(args, self.padded_vocab_size), args.seq_length, args.global_batch_size)
         self.train_ds, self.valid_ds, self.valid_mce_ds = self._build_datasets()
-        self.has_validation = _any_rank(self.valid_ds is not None)
-        self.has_mce_validation = _any_rank(self.valid_mce_ds is not None)  # the same on every rank
+        self.has_validation = any_rank(self.valid_ds is not None)
+        self.has_mce_validation = any_rank(self.valid_mce_ds is not None)  # the same on every rank
         if args.eval_iters > 0 and not self.has_validation:
             print_rank_0("the validation split is empty: no evaluation (see --split)")
         self.recorder = (data.StreamRecorder(args.record_data_stream, args.rank)
                          if args.record_data_stream else None)
         self.writer = MetricsWriter(args, self.run_info()) if is_last_rank() else None
-        self.exit = checkpointing.ExitConditions(args, start_time)
+        self.exit = ExitConditions(args, start_time)
 
     def _build_datasets(self):
         """(train, valid, valid for the MCE evaluation), through Megatron-Core's builder.
@@ -129,27 +117,17 @@ class Run:
 
     # ------------------------------------------------------------------------------------------- data
 
-    def data_iterators(self, dataset, first_sample: int, num_steps: int, bag_size: int, first_iteration: int = 0,
-                       phase: Phase = Phase.RECOVERY, record: bool = False, samples_per_window: int = 1):
-        """Per model chunk: this rank's micro-batch stream if the chunk is a first/last stage, else None."""
+    def data_iterators(self, dataset, first_sample: int, num_steps: int, phase: Phase = Phase.RECOVERY, *,
+                       samples_per_window: int = 1, record: bool = False, first_iteration: int = 0):
+        """This rank's micro-batch streams of `phase` rows for Megatron's schedules (`data.stage_iterators`)."""
         args = self.args
-        iterators: List[Optional[object]] = []
-        for chunk in self.model:
-            vp_stage = get_attr_wrapped_model(chunk, "vp_stage")
-            needs = (parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-                     or parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
-            if not needs or dataset is None:
-                iterators.append(None)
-                continue
-            stream = data.micro_batches(
-                dataset, first_sample=first_sample, num_steps=num_steps, bag_size=bag_size,
-                global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
-                dp_rank=parallel_state.get_data_parallel_rank(), dp_size=args.data_parallel_size,
-                seq_length=args.seq_length, ignore_index=args.tst.ignore_index if args.tst else -100,
-                num_workers=args.num_workers, samples_per_window=samples_per_window)
-            iterators.append(data.strip_bookkeeping(stream, self.recorder if record else None, first_iteration,
-                                                    get_num_microbatches(), phase))
-        return iterators[0] if len(iterators) == 1 else iterators
+        return data.stage_iterators(
+            self.model, dataset, first_sample=first_sample, num_steps=num_steps,
+            bag_size=self.plan.bag_size_of(phase), global_batch_size=args.global_batch_size,
+            micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
+            ignore_index=args.tst.ignore_index if args.tst else data.IGNORE_INDEX, num_workers=args.num_workers,
+            samples_per_window=samples_per_window, recorder=self.recorder if record else None,
+            first_iteration=first_iteration, phase=phase)
 
     # ------------------------------------------------------------------------------------------- eval
 
@@ -158,14 +136,14 @@ class Run:
         args = self.args
         if args.eval_iters <= 0 or not self.has_validation:
             return
-        results = evaluate(self.data_iterators(self.valid_ds, 0, args.eval_iters, 1), args.eval_iters,
-                           self.model, args)
-        record = {"eval_lm_loss": results.get("lm loss")}
+        results = evaluate(self.data_iterators(self.valid_ds, 0, args.eval_iters), args.eval_iters,
+                           self.model, self.settings)
+        record = {"eval_lm_loss": results.get(Phase.RECOVERY.loss_name)}
         if phase == Phase.SUPERPOSITION and self.has_mce_validation:
-            mce = evaluate(self.data_iterators(self.valid_mce_ds, 0, args.eval_iters, self.plan.bag_size,
+            mce = evaluate(self.data_iterators(self.valid_mce_ds, 0, args.eval_iters, Phase.SUPERPOSITION,
                                                samples_per_window=self.plan.samples_per_window),
-                           args.eval_iters, self.model, args)
-            record["eval_mce_loss"] = mce.get("mce loss")
+                           args.eval_iters, self.model, self.settings)
+            record["eval_mce_loss"] = mce.get(Phase.SUPERPOSITION.loss_name)
         if self.writer is not None:
             self.writer.eval({"iteration": self.state.iteration, "phase": phase.value, **record,
                               **self.state.progress()})
@@ -183,13 +161,12 @@ class Run:
                                  f"{state.consumed_train_samples} samples, but this run's plan (--global-batch-size, "
                                  f"--train-iters, --tst-*) puts {plan.samples_before(state.iteration)} there: restore "
                                  "the checkpoint run's values, or start a new run from its weights with --finetune")
-            segment_end = plan.superposition_steps if phase == Phase.SUPERPOSITION else args.train_iters
+            segment_end = plan.phase_end(phase)
             if args.exit_interval:
                 segment_end = min(segment_end, (state.iteration // args.exit_interval + 1) * args.exit_interval)
             stream = self.data_iterators(self.train_ds, state.consumed_train_samples, segment_end - state.iteration,
-                                         plan.bag_size if phase == Phase.SUPERPOSITION else 1,
-                                         state.iteration, phase, record=True,
-                                         samples_per_window=plan.samples_per_window)
+                                         phase, samples_per_window=plan.samples_per_window, record=True,
+                                         first_iteration=state.iteration)
             stop = self._train_segment(stream, phase, segment_end)
             if stop:
                 return stop
@@ -197,13 +174,13 @@ class Run:
 
     def _train_segment(self, stream, phase: Phase, segment_end: int) -> Optional[str]:
         args, state = self.args, self.state
-        interval = _Interval()
+        interval = Interval()
         while state.iteration < segment_end:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             start = time.perf_counter()
             try:
-                out = train_step(stream, self.model, self.optimizer, self.scheduler, args)
+                result = train_step(stream, self.model, self.optimizer, self.settings, self.scheduler)
             except NonFiniteError as err:
                 raise SystemExit(self._divergence_message(err, phase)) from None
             if torch.cuda.is_available():
@@ -211,10 +188,10 @@ class Run:
             seconds = time.perf_counter() - start
             samples = self.plan.samples_per_step(phase)
             state.advance(samples, samples * args.seq_length, self.flops_per_step, seconds)
-            interval.add(out, seconds, samples * args.seq_length)
+            interval.add(result, seconds, samples * args.seq_length)
             if state.iteration % args.log_interval == 0 or state.iteration == segment_end:
                 self._log(interval, phase)
-                interval = _Interval()
+                interval = Interval()
             if args.eval_interval and state.iteration % args.eval_interval == 0:
                 self.evaluate_phase(phase)
             if args.save and args.save_interval and state.iteration % args.save_interval == 0:
@@ -241,92 +218,55 @@ class Run:
             return 1  # exit status only: one copy of the message
         return message
 
-    def _log(self, interval: "_Interval", phase: Phase) -> None:
+    def _log(self, interval: Interval, phase: Phase) -> None:
         if self.writer is None or interval.steps == 0:
             return
         args, state = self.args, self.state
-        elapsed = interval.seconds / interval.steps
-        flops_per_s = self.flops_per_step / elapsed
-        peak = device_peak_tflops(args.peak_tflops_per_gpu)
-        tflops = flops_per_s / args.world_size / 1e12
-        loss_name = "mce loss" if phase == Phase.SUPERPOSITION else "lm loss"
         self.writer.train({
-            "iteration": state.iteration, "phase": phase.value, "loss_name": loss_name,
-            "loss": interval.mean(loss_name), "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
-            "grad_norm": interval.grad_norm / interval.steps, "global_batch_size": args.global_batch_size,
-            "elapsed_ms": 1e3 * elapsed, "tokens_per_s": interval.tokens / interval.seconds,
-            "positions_per_s": args.global_batch_size * args.seq_length / elapsed, "tflops_per_gpu": tflops,
-            "mfu": tflops / peak if peak else None, "skipped_iterations": interval.skipped,
-            **{k.replace(" ", "_"): v for k, v in interval.means().items() if k != loss_name},
+            "iteration": state.iteration, "phase": phase.value,
+            **interval.train_record(loss_name=phase.loss_name, flops_per_step=self.flops_per_step,
+                                    world_size=args.world_size, global_batch_size=args.global_batch_size,
+                                    seq_length=args.seq_length,
+                                    lr=self.scheduler.get_lr(self.optimizer.param_groups[0]),
+                                    peak_tflops=device_peak_tflops(args.peak_tflops_per_gpu)),
             **state.progress(),
         })
 
 
-def _any_rank(flag: bool) -> bool:
-    value = torch.tensor([int(flag)], device=collective_device())
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
-
-
-class _Interval:
-    """Sums over the iterations since the last log line."""
-
-    def __init__(self):
-        self.steps, self.seconds, self.tokens, self.grad_norm, self.skipped = 0, 0.0, 0, 0.0, 0
-        self.loss_sums = {}
-
-    def add(self, out: dict, seconds: float, tokens: int) -> None:
-        self.steps += 1
-        self.seconds += seconds
-        self.tokens += tokens
-        self.grad_norm += out["grad_norm"]
-        self.skipped += out["skipped"]
-        for key, value in out["losses"].items():
-            self.loss_sums[key] = self.loss_sums.get(key, 0.0) + value
-
-    def mean(self, key: str) -> float:
-        return self.loss_sums.get(key, float("nan")) / max(self.steps, 1)
-
-    def means(self) -> dict:
-        return {key: total / self.steps for key, total in self.loss_sums.items()}
-
-
-def write_exit_marker(iteration: int) -> None:
-    """After a signal-triggered save, tell the launcher (launch/common.sh) to requeue: rank 0 writes the file
-    named by $TST_EXIT_MARKER, if set, holding the iteration saved."""
-    path = os.environ.get("TST_EXIT_MARKER")
-    if path and torch.distributed.get_rank() == 0:
-        with open(path, "w") as f:
-            f.write(f"{iteration}\n")
-
-
 def main(argv=None) -> int:
     args = arguments.parse_args(argv)
-    run = Run(args)
-    if args.tst:
-        print_rank_0(f"TST: bag size {args.tst.bag_size}, {run.plan.superposition_steps} superposition steps, "
-                     f"then {args.train_iters - run.plan.superposition_steps} recovery steps "
-                     f"({args.tst.weighting} weighting)")
-    last_phase = lambda: run.plan.phase_at(run.state.iteration - 1) if run.state.iteration else Phase.RECOVERY
-    if args.skip_train:  # Megatron-LM: no training, but the validation evaluation still runs
-        reason = "skip-train"
-        run.evaluate_phase(last_phase())
-    else:
-        reason = run.train()
-    if reason == "done" and not (args.eval_interval and run.state.iteration % args.eval_interval == 0):
-        run.evaluate_phase(last_phase())
-    if reason == "done" and args.save:
-        checkpointing.save_checkpoint(args, run.state, run.model, run.optimizer, run.scheduler)
-    if reason == "exit signal":
-        write_exit_marker(run.state.iteration)
-    print_rank_0(f"training stopped ({reason}) at iteration {run.state.iteration}; "
-                 f"consumed {run.state.consumed_train_samples} samples / {run.state.consumed_tokens} tokens"
-                 + (f"; checkpoints in {args.save}" if args.save else ""))
-    if run.writer is not None:
-        run.writer.close()
-    torch.distributed.barrier()
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
+    run = None
+    try:
+        run = Run(args)
+        if args.tst:
+            print_rank_0(f"TST: bag size {args.tst.bag_size}, {run.plan.superposition_steps} superposition steps, "
+                         f"then {args.train_iters - run.plan.superposition_steps} recovery steps "
+                         f"({args.tst.weighting} weighting)")
+        last_phase = run.plan.phase_at(run.state.iteration - 1) if run.state.iteration else Phase.RECOVERY
+        if args.skip_train:  # Megatron-LM: no training, but the validation evaluation still runs
+            reason = "skip-train"
+            run.evaluate_phase(last_phase)
+        else:
+            reason = run.train()
+            last_phase = run.plan.phase_at(run.state.iteration - 1) if run.state.iteration else Phase.RECOVERY
+        if reason == "done" and not (args.eval_interval and run.state.iteration % args.eval_interval == 0):
+            run.evaluate_phase(last_phase)
+        if reason == "done" and args.save:
+            checkpointing.save_checkpoint(args, run.state, run.model, run.optimizer, run.scheduler)
+        if reason == "exit signal":
+            write_exit_marker(run.state.iteration)
+        print_rank_0(f"training stopped ({reason}) at iteration {run.state.iteration}; "
+                     f"consumed {run.state.consumed_train_samples} samples / {run.state.consumed_tokens} tokens"
+                     + (f"; checkpoints in {args.save}" if args.save else ""))
+        torch.distributed.barrier()
+    finally:
+        # Also on an error: flush the logs, and leave no process group behind (a hung peer gets an error).
+        if run is not None and run.writer is not None:
+            run.writer.close()
+        if torch.distributed.is_initialized():
+            if parallel_state.model_parallel_is_initialized():
+                parallel_state.destroy_model_parallel()
+            torch.distributed.destroy_process_group()
     return 0
 
 

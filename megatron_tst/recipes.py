@@ -22,7 +22,8 @@ Shared choices and why:
 - Sequence length must be divisible by TP under sequence parallelism and by 2 x CP (and by the bag size s
   only with `--tst-sample-layout segments`, whose rows are s baseline samples). The dense recipes use
   2016 = 6 x 336 = 2^5 x 63 positions, chosen when s = 6 had to divide it: within 1.6 % of the usual 2048, and
-  divisible by every power-of-two TP up to 32 and 2 x CP up to 32; `--seq-length 2048` works too. 2016 x 1024 sequences = 2.06M tokens (positions) per step,
+  divisible by every power-of-two TP up to 32 and 2 x CP up to 32; `--seq-length 2048` works too.
+  2016 x 1024 sequences = 2.06M tokens (positions) per step,
   the paper's "about 2M". The MoE recipe keeps 8192 (divisible by 16): 8192 x 1024 = 8.4M ("8M").
 - WSD schedule as in the paper: 2,000 warmup steps, linear decay over the last 10 % of `--train-iters`
   (`--lr-wsd-decay-iters`), to `--min-lr` = 0.1 x lr (the paper does not give the final LR; SmolLM3, whose

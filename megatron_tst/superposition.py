@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
+from megatron_tst.mce import IGNORE_INDEX
 from megatron_tst.platform import mcore_compat
 
 
@@ -162,7 +163,7 @@ def build_bag_targets(
     bag_size: int,
     *,
     segment_length: Optional[int] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-bag targets for every bag position, from Megatron sample fields.
 
@@ -216,6 +217,21 @@ def build_bag_targets(
 TARGETS_KEY = "tst_targets"
 
 
+def make_stock_batch(tokens_bt: torch.Tensor, labels_bt: torch.Tensor, loss_mask_bt: torch.Tensor) -> dict:
+    """A stock (recovery / baseline) micro-batch from Megatron sample fields [b, L]: Megatron-LM's
+    pretrain_gpt get_batch fields, with position ids 0..L-1 per row (no attention mask: causal).
+
+    Returns {"tokens": [b, L] int64, "labels": [b, L] int64, "loss_mask": [b, L] float32,
+    "position_ids": [b, L] int64}. Raises ValueError when the shapes differ.
+    """
+    if labels_bt.shape != tokens_bt.shape or loss_mask_bt.shape != tokens_bt.shape:
+        raise ValueError(f"tokens {tuple(tokens_bt.shape)}, labels {tuple(labels_bt.shape)} and loss_mask "
+                         f"{tuple(loss_mask_bt.shape)} must have one shape [b, L]")
+    positions = torch.arange(tokens_bt.shape[1], device=tokens_bt.device).expand_as(tokens_bt).contiguous()
+    return {"tokens": tokens_bt.long(), "labels": labels_bt.long(), "loss_mask": loss_mask_bt.float(),
+            "position_ids": positions}
+
+
 def make_superposition_batch(
     tokens_bt: torch.Tensor,
     labels_bt: torch.Tensor,
@@ -223,7 +239,7 @@ def make_superposition_batch(
     bag_size: int,
     *,
     segment_length: Optional[int] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> dict:
     """A superposition micro-batch from Megatron sample fields of s*L tokens per row (one contiguous window per
     row by default; `segment_length` as in `build_bag_targets`).

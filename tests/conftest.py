@@ -1,11 +1,27 @@
 """Shared fixtures. Megatron-Core runs for real: gloo process groups, no mocks."""
 
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/reference.py and helpers, in spawned workers too
+# Subprocesses (the trainer, tools/ scripts) import megatron_tst from this checkout too, not from the checkout the
+# venv's editable install points at (another checkout or git worktree sharing the venv).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+# pytest.ini's markers; each test carries exactly one (module-level `pytestmark` or one decorator per test)
+KINDS = ("unit", "parallel", "e2e", "slurm")
+
+
+def pytest_collection_modifyitems(items):
+    wrong = []
+    for item in items:
+        kinds = sorted({m.name for m in item.iter_markers() if m.name in KINDS})
+        if len(kinds) != 1:
+            wrong.append(f"{item.nodeid}: {', '.join(kinds) or 'no kind'}")
+    if wrong:
+        raise pytest.UsageError(f"tests need exactly one of the marks {', '.join(KINDS)}:\n  " + "\n  ".join(wrong))
 
 
 @pytest.fixture(scope="session")

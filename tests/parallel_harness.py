@@ -1,7 +1,11 @@
-"""One training step of a tiny dense / MoE model at any parallel layout, built from Megatron-Core parts.
+"""One training step of a tiny dense / MoE model at any parallel layout, through the trainer's own code.
 
-Used by the model tests: the reference runs at TP=PP=EP=DP=1 in the pytest process, the layouts run in
-spawned gloo workers, with the reference's weights loaded through `global_view`.
+A `Case` is a command line (`case_argv`): `arguments.parse_args` -> `build.setup_parallel` ->
+`build.build_components` (the reference's weights loaded through `global_view` before the optimizer exists) ->
+`step.train_step` (Megatron's schedules, `finalize_model_grads`, optimizer step). Used by the layout tests: the
+reference runs at TP=PP=EP=DP=1 in the pytest process, the layouts run in spawned gloo workers.
+The TransformerConfig helpers below (`transformer_config`, `model_options`, `tst_config`) serve the in-process
+model tests (tests/test_model.py, tests/test_fused_model.py), which build the model without a trainer.
 """
 
 from __future__ import annotations
@@ -72,33 +76,48 @@ def tst_config(weighting="uniform", sample_layout="contiguous"):
                      sample_layout=sample_layout)
 
 
-def build_chunks(case: Case, tst=None) -> List[torch.nn.Module]:
-    """Model chunks for this rank, as Megatron-LM's get_model builds them (one per virtual stage)."""
-    from megatron.core import parallel_state
+def case_argv(case: Case) -> List[str]:
+    """The trainer's command line of `case`: the shape of `transformer_config`, Adam (lr 1e-2, constant), and
+    no gradient clipping unless the case takes an optimizer step (so the gradients read back are the raw ones)."""
+    argv = (f"--num-layers 4 --hidden-size 32 --num-attention-heads 4 --group-query-attention "
+            f"--num-query-groups {case.num_query_groups} --ffn-hidden-size 64 --normalization RMSNorm --swiglu "
+            f"--disable-bias-linear --hidden-dropout 0 --attention-dropout 0 --init-method-std 0.05 "
+            f"--position-embedding-type rope --seq-length {L} --max-position-embeddings {L} "
+            f"--micro-batch-size {MBS} --global-batch-size {MBS * NUM_MICROBATCHES} --train-iters 10 "
+            f"--lr 1e-2 --lr-decay-style constant --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 "
+            f"--adam-eps 1e-8 --clip-grad {1.0 if case.optimizer_step else 0.0} --seed 1234 "
+            f"--mock-data --tokenizer-type NullTokenizer --vocab-size {V} "
+            f"--tst-bag-size {S} --tst-superposition-ratio 0.3 --tst-sample-layout {case.sample_layout} "
+            f"--tensor-model-parallel-size {case.tp} --pipeline-model-parallel-size {case.pp} "
+            f"--expert-model-parallel-size {case.ep} --untie-embeddings-and-output-weights").split()
+    if case.vpp:
+        argv += ["--num-layers-per-virtual-pipeline-stage", str(4 // (case.pp * case.vpp))]
+    if case.sequence_parallel:
+        argv.append("--sequence-parallel")
+    if case.distributed_optimizer:
+        argv.append("--use-distributed-optimizer")
+    if case.linear_loss_fusion:
+        argv += ["--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "linear"]
+    if case.moe_dispatcher:
+        argv += ("--num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 32 --moe-aux-loss-coeff 1e-2 "
+                 f"--moe-router-load-balancing-type aux_loss --moe-token-dispatcher-type {case.moe_dispatcher}"
+                 ).split()
+    return argv
 
-    from megatron_tst.model import build_gpt_model
 
-    config = transformer_config(case)
-    tst = tst or tst_config(sample_layout=case.sample_layout)
-    chunks = []
-    for vp_stage in range(case.vpp or 1):
-        vp = vp_stage if case.vpp else None
-        chunks.append(build_gpt_model(
-            config, model_options(), tst,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-            vp_stage=vp, seq_length=L,
-        ))
-    return chunks
+def build_case(case: Case, global_weights=None):
+    """(args, build.Components) of `case` on the running world (its layout set up by `build.setup_parallel`),
+    with `global_weights` (a `global_view.gather_global` dict) loaded before the optimizer exists."""
+    import torch.distributed as dist
 
+    from megatron_tst.testing.global_view import load_global
+    from megatron_tst.training import arguments
+    from megatron_tst.training.build import build_components, setup_parallel
 
-def wrap_ddp(chunks, case: Case):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=case.distributed_optimizer)
-    return [DistributedDataParallel(chunk.config, ddp_config, chunk, disable_bucketing=(i > 0))
-            for i, chunk in enumerate(chunks)]
+    args = arguments.parse_args(case_argv(case), world_size=dist.get_world_size())
+    setup_parallel(args)
+    load = (lambda model: load_global(model, global_weights)) if global_weights is not None else None
+    return args, build_components(args, V, before_optimizer=load)
 
 
 def make_microbatches(superposition: bool, seed: int = 0,
@@ -107,7 +126,7 @@ def make_microbatches(superposition: bool, seed: int = 0,
 
     A superposition row is one contiguous window of S*L (+1) tokens (the default, the paper's layout: next-bag
     targets run through the whole row), or with sample_layout "segments" S segments of L tokens."""
-    from megatron_tst.superposition import make_superposition_batch
+    from megatron_tst.superposition import make_stock_batch, make_superposition_batch
 
     g = torch.Generator().manual_seed(seed)
     length = L * S if superposition else L
@@ -121,52 +140,28 @@ def make_microbatches(superposition: bool, seed: int = 0,
                 tokens, labels, loss_mask, S, segment_length=L if sample_layout == "segments" else None,
                 ignore_index=IGNORE))
         else:
-            batches.append({"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
-                            "position_ids": torch.arange(L).expand(MBS, L).contiguous()})
+            batches.append(make_stock_batch(tokens, labels, loss_mask))
     return batches
 
 
-def make_optimizer(chunks, case: Case):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    config = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
-                             adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=case.distributed_optimizer)
-    return get_megatron_optimizer(config, chunks)
-
-
-def train_step(chunks, batches, case: Case, optimizer=None, forward_only=False) -> Optional[float]:
-    """Forward/backward over this rank's micro-batches; returns the global-batch loss (last stage) or None."""
+def step_case(args, components, batches) -> Optional[float]:
+    """One production `step.train_step` on this data-parallel rank's share of `batches` (Megatron-LM's order:
+    DP rank r takes the r-th contiguous block); the phase's global-batch loss (last stage) or None."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_tst.forward_step import forward_step
+    from megatron_tst.forward_step import LM_LOSS, MCE_LOSS
+    from megatron_tst.training import step
 
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     per_rank = len(batches) // dp_size
     mine = batches[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    for chunk in chunks:
-        chunk.zero_grad_buffer()
-    if optimizer is not None:
-        optimizer.zero_grad()
-    data = [iter(mine) for _ in chunks] if len(chunks) > 1 else iter(mine)
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=data, model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=per_rank, seq_length=L, micro_batch_size=MBS, forward_only=forward_only,
-    )
-    if not forward_only:
-        finalize_model_grads(chunks)
-        if optimizer is not None:
-            optimizer.step()
-    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        return None
-    totals = torch.zeros(2, dtype=torch.float64)
-    for report in reports:
-        (value,) = report.values()
-        totals += value.double()
-    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    return float(totals[0] / totals[1])
+    model = components.model
+    data = [iter(mine) for _ in model] if len(model) > 1 else iter(mine)
+    result = step.train_step(data, model, components.optimizer, step.StepSettings.from_args(args),
+                             components.scheduler)
+    losses = [value for name, value in result.losses.items() if name in (LM_LOSS, MCE_LOSS)]
+    return losses[0] if losses else None
 
 
 def run_case(case: Case, global_weights, phases=("superposition", "recovery")) -> dict:
@@ -174,19 +169,17 @@ def run_case(case: Case, global_weights, phases=("superposition", "recovery")) -
 
     Returns {phase: {"loss": float|None, "grads": {key: tensor}, "weights_after": {...} (optimizer cases)}}.
     """
-    from megatron_tst.testing.global_view import gather_global, load_global
+    from megatron_tst.testing.global_view import gather_global
 
     out = {}
     for phase in phases:
-        chunks = wrap_ddp(build_chunks(case), case)
-        load_global(chunks, global_weights)
-        optimizer = make_optimizer(chunks, case) if case.optimizer_step else None
-        loss = train_step(chunks, make_microbatches(phase == "superposition", sample_layout=case.sample_layout),
-                          case, optimizer)
+        args, components = build_case(case, global_weights)
+        loss = step_case(args, components,
+                          make_microbatches(phase == "superposition", sample_layout=case.sample_layout))
         result = {"loss": loss}
         if case.optimizer_step:
-            result["weights_after"] = gather_global(chunks)
-        else:
-            result["grads"] = gather_global(chunks, lambda p: p.main_grad)
+            result["weights_after"] = gather_global(components.model)
+        else:  # the raw gradients: no clipping (case_argv); the optimizer step does not touch them
+            result["grads"] = gather_global(components.model, lambda p: p.main_grad)
         out[phase] = result
     return out

@@ -36,21 +36,16 @@ class Trainer:
     """Model chunks, optimizer and LR schedule for `argv`, built as megatron_tst.pretrain builds them."""
 
     def __init__(self, argv, world_size=1, padded_vocab_size=1024):
-        import torch.distributed as dist
         from megatron_tst.training import arguments
-        from megatron_tst.training.build import (
-            build_model, build_optimizer_and_scheduler, configure_schedule_hooks, init_microbatch_calculator,
-            set_random_seed)
+        from megatron_tst.training.build import build_components, setup_parallel
+        from megatron_tst.training.step import StepSettings
 
         self.args = arguments.parse_args(argv + ["--mock-data"], world_size=world_size)
-        self.args.rank = dist.get_rank()
         self.args.padded_vocab_size = padded_vocab_size
-        init_microbatch_calculator(self.args)
-        set_random_seed(self.args.seed)
-        self.model = build_model(self.args, arguments.transformer_config_from_args(self.args),
-                                 arguments.model_options_from_args(self.args, padded_vocab_size))
-        self.optimizer, self.scheduler = build_optimizer_and_scheduler(self.args, self.model)
-        configure_schedule_hooks(self.args, self.model, self.optimizer)
+        setup_parallel(self.args)
+        components = build_components(self.args, padded_vocab_size)
+        self.model, self.optimizer, self.scheduler = components.model, components.optimizer, components.scheduler
+        self.settings = StepSettings.from_args(self.args)
 
     def load(self):
         from megatron_tst.training import checkpointing
@@ -65,7 +60,6 @@ class Trainer:
 
     def _micro_batches(self, sequences_per_micro_batch):
         from megatron.core import parallel_state
-
         from megatron.core.num_microbatches_calculator import get_num_microbatches
 
         rank, size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
@@ -80,20 +74,23 @@ class Trainer:
 
         from megatron_tst.training.step import evaluate
 
-        losses = evaluate(iter([batch(sequences)] * get_num_microbatches()), 1, self.model, self.args)
+        losses = evaluate(iter([batch(sequences)] * get_num_microbatches()), 1, self.model, self.settings)
         return losses.get("lm loss")  # None off the last pipeline stage
 
-    def train_step(self, micro_batch_sequences):
-        """One optimizer step on the given micro-batches (split over data-parallel ranks in order)."""
+    def step(self, micro_batch_sequences):
+        """One optimizer step on the given micro-batches (split over data-parallel ranks in order): the
+        `StepResult` as a dict (losses, grad_norm, skipped)."""
+        import dataclasses
+
         from megatron_tst.training.step import train_step
 
-        return train_step(self._micro_batches(micro_batch_sequences), self.model, self.optimizer,
-                          self.scheduler, self.args)
+        return dataclasses.asdict(train_step(self._micro_batches(micro_batch_sequences), self.model,
+                                             self.optimizer, self.settings, self.scheduler))
 
 
 def batch(sequences):
-    """Megatron's sample fields from token sequences [b, L+1] (loss mask all ones, causal)."""
+    """A stock micro-batch from token sequences [b, L+1] (loss mask all ones, causal)."""
+    from megatron_tst.superposition import make_stock_batch
+
     seq = torch.tensor(sequences)
-    tokens, labels = seq[:, :-1], seq[:, 1:]
-    return {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(labels.shape),
-            "position_ids": torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1).contiguous()}
+    return make_stock_batch(seq[:, :-1], seq[:, 1:], torch.ones(seq[:, 1:].shape))

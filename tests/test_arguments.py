@@ -5,11 +5,11 @@ import subprocess
 import sys
 
 import pytest
+from text_corpus import VOCAB_SIZE, build_byte_corpus
 
-from megatron_tst.training import arguments
+from megatron_tst.training import arguments, configs
 from megatron_tst.training.arguments import parse_args
 from megatron_tst.training.data import validate_data_files
-from text_corpus import VOCAB_SIZE, build_byte_corpus
 
 SMALL = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --micro-batch-size 2 "
          "--train-iters 10 --lr 1e-3 --tokenizer-type NullTokenizer --vocab-size 257 --mock-data").split()
@@ -21,6 +21,7 @@ def _fixture_argv(name):
     return fixture_argv(fixture(name)[0], "/tmp/x")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["megatron_lm_gpt_tp1", "megatron_lm_moe_tp1"])
 def test_megatron_lm_command_lines_parse_unchanged(name):
     args = parse_args(_fixture_argv(name) + ["--mock-data"], world_size=1)
@@ -33,12 +34,14 @@ def test_megatron_lm_command_lines_parse_unchanged(name):
         assert (args.num_experts, args.moe_router_topk, args.lr_decay_style) == (4, 2, "WSD")
 
 
+@pytest.mark.unit
 def test_ignored_flag_values_are_not_misread():
     # --transformer-impl takes a value: "local" must not become a positional or another flag's value
     args = parse_args(SMALL + ["--transformer-impl", "local", "--timing-log-level", "2"], world_size=1)
     assert args.ignored_flags == ["--timing-log-level", "--transformer-impl"]
 
 
+@pytest.mark.unit
 def test_megatron_flags_that_would_change_training_are_refused(capsys):
     with pytest.raises(SystemExit):
         parse_args(SMALL + ["--fp8-format", "hybrid"], world_size=1)
@@ -47,6 +50,7 @@ def test_megatron_flags_that_would_change_training_are_refused(capsys):
         parse_args(SMALL + ["--not-a-megatron-flag"], world_size=1)
 
 
+@pytest.mark.unit
 def test_tst_flags_and_yaml_config(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("tst-bag-size: 4\ntst_superposition_ratio: 0.3\nlr: 5.0e-4\nswiglu: true\n")
@@ -57,6 +61,7 @@ def test_tst_flags_and_yaml_config(tmp_path):
     assert args.tst.sample_layout == "contiguous"  # the paper's rows by default
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bag_size", [5, 6])
 def test_any_sequence_length_with_the_contiguous_layout(bag_size):
     # --seq-length 64 with bags of 5 or 6 (64 % s != 0): a row is 64*s contiguous tokens, 64 bags of s
@@ -64,8 +69,10 @@ def test_any_sequence_length_with_the_contiguous_layout(bag_size):
     assert (args.seq_length, args.tst.bag_size, args.tst.sample_layout) == (64, bag_size, "contiguous")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("extra,world_size,message", [
-    (["--global-batch-size", "6", "--micro-batch-size", "2"], 2, "not divisible by --micro-batch-size 2 x data-parallel size 2"),
+    (["--global-batch-size", "6", "--micro-batch-size", "2"], 2,
+     "not divisible by --micro-batch-size 2 x data-parallel size 2"),
     (["--tst-bag-size", "4", "--tst-superposition-ratio", "1.0"], 1, "must be in [0, 1)"),
     (["--tst-bag-size", "4", "--tst-superposition-ratio", "-0.1"], 1, "must be in [0, 1)"),
     (["--tst-bag-size", "5", "--tst-superposition-ratio", "0.3", "--tst-sample-layout", "segments"], 1,
@@ -79,7 +86,8 @@ def test_any_sequence_length_with_the_contiguous_layout(bag_size):
     (["--tensor-model-parallel-size", "3"], 3, "not divisible by TP=3"),
     (["--tst-bag-size", "4", "--tst-superposition-iters", "10"], 1, "leave no recovery phase"),
     (["--tensor-model-parallel-size", "4", "--sequence-parallel", "--seq-length", "66"], 4, "not divisible by TP=4"),
-    (["--tensor-model-parallel-size", "2", "--num-experts", "4"], 2, "--num-experts with TP=2 needs --sequence-parallel"),
+    (["--tensor-model-parallel-size", "2", "--num-experts", "4"], 2,
+     "--num-experts with TP=2 needs --sequence-parallel"),
 ])
 def test_bad_arguments_are_clear_errors(capsys, extra, world_size, message):
     with pytest.raises(SystemExit):
@@ -88,6 +96,7 @@ def test_bad_arguments_are_clear_errors(capsys, extra, world_size, message):
     assert message in err, err
 
 
+@pytest.mark.unit
 def test_data_checks(tmp_path):
     prefix = build_byte_corpus(str(tmp_path / "ok"))
     validate_data_files([prefix], VOCAB_SIZE)
@@ -104,6 +113,7 @@ def test_data_checks(tmp_path):
         parse_args(SMALL[:-1] + ["--data-path", str(tmp_path / "missing")], world_size=1)
 
 
+@pytest.mark.e2e
 def test_cli_refuses_bad_data_before_heavy_work(tmp_path):
     prefix = build_byte_corpus(str(tmp_path))
     argv = SMALL[:-1] + ["--data-path", prefix, "--vocab-size", "100"]
@@ -114,6 +124,7 @@ def test_cli_refuses_bad_data_before_heavy_work(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.unit
 def test_mfu_peak_is_looked_up_by_the_most_specific_device_name():
     from megatron_tst.training.metrics import peak_tflops_of_device_name
 
@@ -123,6 +134,7 @@ def test_mfu_peak_is_looked_up_by_the_most_specific_device_name():
     assert peak_tflops_of_device_name("Intel Xeon") is None
 
 
+@pytest.mark.unit
 def test_loss_fusion_flags_follow_megatron_lm():
     """`--cross-entropy-loss-fusion --cross-entropy-fusion-impl linear` switches the fused output layer + loss on
     (TransformerConfig fields, as Megatron-LM sets them); native/te and the impl alone are accepted and ignored."""
@@ -138,7 +150,7 @@ def test_loss_fusion_flags_follow_megatron_lm():
              "--cross-entropy-loss-fusion --cross-entropy-fusion-impl linear": (True, [])}
     for extra, (fused, ignored) in cases.items():
         args = arguments.parse_args(base + extra.split(), world_size=1)
-        config = arguments.transformer_config_from_args(args)
+        config = configs.transformer_config_from_args(args)
         assert arguments.linear_loss_fusion(args) == fused == linear_loss_fusion_enabled(config), extra
         assert [f for f in args.ignored_flags if "cross-entropy" in f] == ignored, extra
     with pytest.raises(SystemExit):

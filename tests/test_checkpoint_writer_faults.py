@@ -1,5 +1,6 @@
 """Checkpoint writers cannot outlive or hang the trainer (issue 13, point 5): the files of a save are written by
-the trainer process itself (megatron_tst.platform.mcore_compat.in_process_checkpoint_writes), so a kill -9 in the middle of a save
+the trainer process itself (megatron_tst.platform.mcore_compat.in_process_checkpoint_writes), so a kill -9 in the
+middle of a save
 leaves no writer process behind, and a failing write ends the save with the writer's error, the last complete
 checkpoint kept."""
 
@@ -7,6 +8,11 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
+from save_fault_worker import inside_a_save
+
+pytestmark = pytest.mark.e2e
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "save_fault_worker.py")
 TRIALS = 20  # Megatron-Core 0.16.1's forked writer outlived 1 kill in 8: 20 kills miss it with p = 0.07
@@ -21,8 +27,8 @@ def _run(*argv, timeout=900):
 
 def test_no_writer_process_outlives_a_kill_9_during_a_save(tmp_path):
     trials = _run("kill", str(tmp_path), str(TRIALS))
-    assert len(trials) == TRIALS
-    assert all(t["tmp_left"] for t in trials), "a kill landed outside a save"
+    inside = [t for t in trials if inside_a_save(t)]  # the kills that landed in the middle of a save
+    assert len(inside) == TRIALS, f"only {len(inside)} of {len(trials)} kills landed inside a save"
     survivors = [t["alive_after"] for t in trials if t["alive_after"]]
     assert not survivors, f"writer processes alive after their trainer was killed: {survivors}"
     # and the save runs without any helper process (Megatron-Core's forked writers, its spawned Manager)

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-
-from megatron_tst.testing.distributed import Layout, run_distributed
 from run_harness import Trainer, fixture, fixture_argv
 from text_corpus import build_byte_corpus
+
+from megatron_tst.testing.distributed import Layout, run_distributed
 
 FIXTURE_NAMES = ["megatron_lm_gpt_tp1", "megatron_lm_moe_tp1"]
 
@@ -33,16 +33,17 @@ def continued(request, megatron_single_process, tmp_path_factory):
     trainer.args.save = ours
     trainer.save(out["state"])  # the running release's layout: common.pt up to 0.18, inside the shards on 0.19
     out["ours_files"] = sorted(os.listdir(os.path.join(ours, "iter_0000030")))
-    out["step"] = trainer.train_step(record["continuation_reference"]["micro_batch_sequences"])
+    out["step"] = trainer.step(record["continuation_reference"]["micro_batch_sequences"])
     out["eval_after"] = trainer.eval_loss(record["eval_batch"]["sequences"])
 
     again = Trainer(fixture_argv(record) + ["--load", ours])
     out["round_trip_state"] = again.load()
     out["round_trip_eval"] = again.eval_loss(record["eval_batch"]["sequences"])
-    out["round_trip_step"] = again.train_step(record["continuation_reference"]["micro_batch_sequences"])
+    out["round_trip_step"] = again.step(record["continuation_reference"]["micro_batch_sequences"])
     return out
 
 
+@pytest.mark.e2e
 def test_megatron_lm_checkpoint_restores_iteration_samples_and_flops(continued):
     record, state = continued["record"], continued["state"]
     assert state.iteration == record["iteration"] == 30
@@ -50,10 +51,12 @@ def test_megatron_lm_checkpoint_restores_iteration_samples_and_flops(continued):
     assert state.num_floating_point_operations_so_far == record["num_floating_point_operations_so_far"]
 
 
+@pytest.mark.e2e
 def test_fixed_batch_eval_loss_equals_megatron_lm(continued):
     assert continued["eval"] == continued["record"]["eval_loss_at_save"]  # bitwise
 
 
+@pytest.mark.e2e
 def test_next_step_reproduces_megatron_lm(continued):
     reference = continued["record"]["continuation_reference"]
     step = continued["step"]
@@ -65,15 +68,18 @@ def test_next_step_reproduces_megatron_lm(continued):
     assert _rel(continued["eval_after"], reference["eval_loss_after"]) < 1e-6
 
 
+@pytest.mark.e2e
 def test_moe_step_reports_the_balancing_losses_megatron_tracks(megatron_single_process):
     """Each balancing type is logged under the name megatron-core's router tracks it with, z-loss too."""
     record, _ = fixture("megatron_lm_moe_tp1")
     for kind, name in (("seq_aux_loss", "seq_load_balancing_loss"), ("global_aux_loss", "global_load_balancing_loss")):
-        trainer = Trainer(fixture_argv(record) + ["--moe-router-load-balancing-type", kind, "--moe-z-loss-coeff", "1e-3"])
-        losses = trainer.train_step(record["continuation_reference"]["micro_batch_sequences"])["losses"]
+        trainer = Trainer(fixture_argv(record) + ["--moe-router-load-balancing-type", kind,
+                                                  "--moe-z-loss-coeff", "1e-3"])
+        losses = trainer.step(record["continuation_reference"]["micro_batch_sequences"])["losses"]
         assert losses[name] > 0 and losses["z_loss"] > 0 and "load_balancing_loss" not in losses, (kind, losses)
 
 
+@pytest.mark.e2e
 def test_round_trip_through_our_layout(continued):
     from megatron_tst.platform.mcore_compat import COMMON_STATE_IN_SHARDS
 
@@ -84,6 +90,7 @@ def test_round_trip_through_our_layout(continued):
     assert continued["round_trip_step"] == continued["step"]  # bitwise the same next step
 
 
+@pytest.mark.e2e
 def test_model_arguments_that_do_not_match_are_refused(megatron_single_process):
     record, directory = fixture("megatron_lm_gpt_tp1")
     argv = fixture_argv(record) + ["--load", directory, "--ffn-hidden-size", "256"]
@@ -91,6 +98,7 @@ def test_model_arguments_that_do_not_match_are_refused(megatron_single_process):
         Trainer(argv).load()
 
 
+@pytest.mark.e2e
 def test_optimizer_format_mismatch_is_a_clear_error(megatron_single_process):
     record, directory = fixture("megatron_lm_gpt_tp1")
     trainer = Trainer(fixture_argv(record) + ["--load", directory, "--use-distributed-optimizer"])
@@ -102,6 +110,7 @@ def test_optimizer_format_mismatch_is_a_clear_error(megatron_single_process):
     assert weights_only.eval_loss(record["eval_batch"]["sequences"]) == record["eval_loss_at_save"]
 
 
+@pytest.mark.e2e
 def test_missing_checkpoint_semantics(megatron_single_process, tmp_path):
     record, _ = fixture("megatron_lm_gpt_tp1")
     trainer = Trainer(fixture_argv(record) + ["--load", str(tmp_path)])
@@ -111,6 +120,7 @@ def test_missing_checkpoint_semantics(megatron_single_process, tmp_path):
         strict.load()
 
 
+@pytest.mark.e2e
 def test_finetune_loads_weights_only(megatron_single_process):
     record, directory = fixture("megatron_lm_gpt_tp1")
     trainer = Trainer(fixture_argv(record) + ["--load", directory, "--finetune"])
@@ -119,6 +129,7 @@ def test_finetune_loads_weights_only(megatron_single_process):
     assert trainer.eval_loss(record["eval_batch"]["sequences"]) == record["eval_loss_at_save"]
 
 
+@pytest.mark.e2e
 def test_pretrained_checkpoint_and_ckpt_step(megatron_single_process, tmp_path):
     record, directory = fixture("megatron_lm_gpt_tp1")
     # --load has nothing yet: start from --pretrained-checkpoint's weights, counting from 0 (Megatron-LM)
@@ -132,6 +143,7 @@ def test_pretrained_checkpoint_and_ckpt_step(megatron_single_process, tmp_path):
         missing.load()
 
 
+@pytest.mark.e2e
 def test_save_after_a_ckpt_step_rollback_replaces_the_later_checkpoint(megatron_single_process, tmp_path, capsys):
     """--ckpt-step 30 in a --save directory that tracks 31: reaching 31 again saves the new lineage's state."""
     record, directory = fixture("megatron_lm_gpt_tp1")
@@ -149,7 +161,7 @@ def test_save_after_a_ckpt_step_rollback_replaces_the_later_checkpoint(megatron_
     capsys.readouterr()
     rolled.save(state)  # the state just loaded from --save: nothing to write
     assert "saved checkpoint" not in capsys.readouterr().out
-    rolled.train_step(steps)
+    rolled.step(steps)
     state.advance(4, 256, 0.0, 0.0)
     rolled.save(state)
     assert "saved checkpoint at iteration 31" in capsys.readouterr().out
@@ -161,8 +173,9 @@ def test_save_after_a_ckpt_step_rollback_replaces_the_later_checkpoint(megatron_
     assert sorted(os.listdir(tmp_path)) == ["iter_0000030", "iter_0000031", "latest_checkpointed_iteration.txt"]
 
 
+@pytest.mark.e2e
 def test_exit_duration_and_interval(megatron_single_process):
-    from megatron_tst.training.checkpointing import ExitConditions, TrainState
+    from megatron_tst.training.run_state import ExitConditions, TrainState
 
     record, _ = fixture("megatron_lm_gpt_tp1")
     args = Trainer(fixture_argv(record) + ["--exit-duration-in-mins", "1", "--exit-interval", "7"]).args
@@ -173,6 +186,7 @@ def test_exit_duration_and_interval(megatron_single_process):
     assert conditions.check(TrainState(iteration=3)) == "--exit-duration-in-mins 1"
 
 
+@pytest.mark.unit
 def test_loading_never_unpickles_arbitrary_code(tmp_path):
     from megatron_tst.training.checkpointing import UnknownMegatronObject, safe_torch_load
 
@@ -217,7 +231,7 @@ def reshard_worker(record, fixture_dir, save_dir):
     tp2 = Trainer(argv + ["--tensor-model-parallel-size", "2", "--load", fixture_dir], world_size=2)
     state = tp2.load()
     out["tp2_fixture_eval"] = tp2.eval_loss(record["eval_batch"]["sequences"])
-    tp2.train_step(record["continuation_reference"]["micro_batch_sequences"])
+    tp2.step(record["continuation_reference"]["micro_batch_sequences"])
     state.advance(4, 256, 0.0, 0.0)
     tp2.save(state)
     out["tp2_saved_eval"] = tp2.eval_loss(record["eval_batch"]["sequences"])
@@ -231,6 +245,7 @@ def reshard_worker(record, fixture_dir, save_dir):
     return out
 
 
+@pytest.mark.e2e
 def test_save_at_tp2_load_at_tp1_and_pp2(tmp_path):
     record, directory = fixture("megatron_lm_gpt_tp1")
     results = run_distributed(reshard_worker, world_size=2, layout=Layout(tp=2),
@@ -245,6 +260,7 @@ def test_save_at_tp2_load_at_tp1_and_pp2(tmp_path):
 # ---------------------------------------------------------------------------------------------- the CLI
 
 
+@pytest.mark.e2e
 def test_megatron_lm_command_line_continues_unchanged(tmp_path):
     """The command line recorded beside the checkpoint, with --load and a --data-path, runs with our entry point."""
     record, directory = fixture("megatron_lm_gpt_tp1")
@@ -260,6 +276,7 @@ def test_megatron_lm_command_line_continues_unchanged(tmp_path):
     assert open(tmp_path / "save" / "latest_checkpointed_iteration.txt").read().strip() == "32"
 
 
+@pytest.mark.e2e
 def test_skip_train_evaluates_the_loaded_checkpoint(tmp_path):
     """Megatron-LM's --skip-train: load, evaluate on the validation split, train and save nothing."""
     record, directory = fixture("megatron_lm_gpt_tp1")

@@ -9,14 +9,15 @@ the resumed run crosses the switch; its per-iteration losses and grad norms equa
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from trainer_cli import run_trainer
 
 from megatron_tst.platform.mcore_compat import MCORE_VERSION
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.e2e
+
 TRAIN_ITERS, SUP_ITERS, RESUME_AT = 6, 3, 2
 FLAGS = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --position-embedding-type rope "
          "--normalization RMSNorm --swiglu --disable-bias-linear --untie-embeddings-and-output-weights "
@@ -36,14 +37,8 @@ def _other_python():
 
 
 def _train(python, workdir, name, extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")])))
     metrics = workdir / f"{name}.jsonl"
-    result = subprocess.run(
-        [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "megatron_tst.pretrain",
-         *FLAGS, "--metrics-jsonl", str(metrics), *extra],
-        env=env, capture_output=True, text=True, timeout=300)
+    result = run_trainer([*FLAGS, "--metrics-jsonl", str(metrics), *extra], nproc=2, timeout=300, python=python)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {r["iteration"]: (r["loss"], r["grad_norm"]) for r in map(json.loads, open(metrics))
             if r.get("kind") == "train"}

@@ -2,20 +2,18 @@
 
 import json
 import os
-import sys
 
 import numpy
+import preprocess_data  # tools/preprocess_data.py (pytest.ini's pythonpath)
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-
-import preprocess_data  # noqa: E402  (tools/preprocess_data.py)
-
-from megatron_tst.training.tokenizer import (  # noqa: E402
+from megatron_tst.training.tokenizer import (
     TextTokenizer,
     build_tokenizer,
     vocab_size_with_padding,
 )
+
+pytestmark = pytest.mark.unit
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

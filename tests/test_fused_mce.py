@@ -3,16 +3,20 @@ without sequence parallelism in one spawn; s=1 against Megatron's vocab_parallel
 
 import pytest
 import torch
+from reference import mce_reference, random_targets
 
 from megatron_tst.mce import (
     WEIGHTINGS,
     default_chunk_size,
-    fused_linear_vocab_parallel_multi_hot_cross_entropy as fused,
     positions_with_targets,
+)
+from megatron_tst.mce import (
+    fused_linear_vocab_parallel_multi_hot_cross_entropy as fused,
+)
+from megatron_tst.mce import (
     vocab_parallel_multi_hot_cross_entropy as mce,
 )
 from megatron_tst.testing.distributed import Layout, run_distributed
-from reference import mce_reference, random_targets
 
 L, B, H, V = 8, 3, 16, 64
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -39,14 +43,30 @@ def _reference(hidden, weight, targets, grad_out, weighting="uniform", ignore_in
     return loss.detach(), h.grad, w.grad
 
 
+def _loss_weights(seed, length=L):
+    """Weights a loss is reduced with: a loss mask with zeros, and fractional entries."""
+    g = torch.Generator().manual_seed(seed)
+    weights = (torch.rand(length, B, generator=g, dtype=torch.float64) > 0.25).double()
+    weights[0, 0] = 0.5
+    return weights
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("eager", [False, True], ids=["recompute", "eager"])
 @pytest.mark.parametrize("weighting", WEIGHTINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bag,chunk_size", [(1, 5), (4, 7), (6, None)])
-def test_loss_and_grads_match_float64_reference(weighting, dtype, bag, chunk_size):
+def test_loss_and_grads_match_float64_reference(weighting, dtype, bag, chunk_size, eager):
+    """Any incoming gradient (recomputation in backward); with `loss_weights`, gradients computed in the forward
+    for an incoming gradient c * loss_weights."""
     hidden, weight, grad_out = _inputs(dtype, seed=bag)
+    loss_weights = None
+    if eager:
+        loss_weights = _loss_weights(seed=bag).to(dtype)
+        grad_out = 0.37 * loss_weights.double()
     targets = random_targets(L, B, bag, V, seed=bag)  # duplicates, ignored slots, a position without targets
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    loss = fused(h, w, targets, weighting=weighting, chunk_size=chunk_size)
+    loss = fused(h, w, targets, weighting=weighting, chunk_size=chunk_size, loss_weights=loss_weights)
     assert loss.shape == (L, B) and loss.dtype == torch.float32
     (loss.double() * grad_out).sum().backward()
     ref_loss, ref_h, ref_w = _reference(hidden, weight, targets, grad_out, weighting)
@@ -59,6 +79,30 @@ def test_loss_and_grads_match_float64_reference(weighting, dtype, bag, chunk_siz
     assert torch.all(loss[empty] == 0) and torch.all(h.grad[empty] == 0)
 
 
+@pytest.mark.unit
+def test_eager_gradients_refuse_an_incoming_gradient_of_another_form():
+    hidden, weight, grad_out = _inputs(torch.float32, seed=3)
+    targets = random_targets(L, B, 4, V, seed=3)
+    weights = _loss_weights(seed=3).float()
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss = fused(h, w, targets, loss_weights=weights)
+    with pytest.raises(RuntimeError, match="not one scalar times loss_weights"):
+        (loss * grad_out.float()).sum().backward()
+    # a plain masked sum / mean is fine, whatever the scalar (Megatron's loss scale, 1 / num tokens)
+    loss = fused(h, w, targets, loss_weights=weights)
+    ((loss * weights).sum() / weights.sum() * 1024.0).backward()
+    with torch.no_grad():  # evaluation: no gradients computed, the same loss
+        assert torch.equal(fused(h, w, targets, loss_weights=weights), loss.detach())
+    with pytest.raises(ValueError, match="loss_weights must be"):
+        fused(h, w, targets, loss_weights=weights[:-1])
+    # the gradients exist once: a second backward through the same loss is refused, not doubled
+    loss = fused(h, w, targets, loss_weights=weights)
+    (loss * weights).sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        (loss * weights).sum().backward()
+
+
+@pytest.mark.unit
 def test_equals_the_unfused_mce_on_the_logits_and_does_not_depend_on_the_chunks():
     hidden, weight, grad_out = _inputs(torch.float32, seed=3)
     targets = random_targets(L, B, 5, V, seed=3)
@@ -75,6 +119,7 @@ def test_equals_the_unfused_mce_on_the_logits_and_does_not_depend_on_the_chunks(
                                    rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_targets_without_bag_dimension_and_custom_ignore_index():
     hidden, weight, grad_out = _inputs(torch.float64, seed=4)
     labels = torch.randint(0, V, (L, B), generator=torch.Generator().manual_seed(4))
@@ -85,6 +130,7 @@ def test_targets_without_bag_dimension_and_custom_ignore_index():
     assert flat[2, 1] == 0
 
 
+@pytest.mark.unit
 def test_gradcheck_float64():
     g = torch.Generator().manual_seed(5)
     hidden = torch.randn(3, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
@@ -95,6 +141,7 @@ def test_gradcheck_float64():
             lambda h, w: fused(h, w, targets, weighting=weighting, chunk_size=4), (hidden, weight))
 
 
+@pytest.mark.unit
 def test_bag_of_one_equals_megatron_vocab_parallel_cross_entropy(megatron_single_process):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
@@ -111,13 +158,15 @@ def test_bag_of_one_equals_megatron_vocab_parallel_cross_entropy(megatron_single
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_default_chunk_size_bounds_the_chunk_logits():
-    assert default_chunk_size(131072, 4096) == 128
-    assert default_chunk_size(32768, 4096) == 512
+    assert default_chunk_size(131072, 4096) == 256
+    assert default_chunk_size(32768, 4096) == 1024
     assert default_chunk_size(10**8, 4096) == 16  # never fewer than 16 positions
     assert default_chunk_size(64, 10) == 10  # never more than there are
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "hidden_shape,weight_shape,targets_shape,kwargs,message",
     [
@@ -135,6 +184,7 @@ def test_bad_input_is_a_clear_value_error(hidden_shape, weight_shape, targets_sh
               **kwargs)
 
 
+@pytest.mark.unit
 def test_mixed_dtypes_and_targets_outside_the_vocabulary_are_refused():
     with pytest.raises(ValueError, match="share one floating dtype"):
         fused(torch.zeros(L, B, H), torch.zeros(V, H, dtype=torch.bfloat16), torch.zeros(L, B, 1, dtype=torch.long))
@@ -176,6 +226,22 @@ def _tp2_checks():
                 out[f"hgrad_{key}"] = _rel(h.grad, ref_h[rows] if sp else ref_h)
                 out[f"wgrad_{key}"] = _rel(w.grad, ref_w[shard])
                 out[f"hshape_{key}"] = tuple(h.grad.shape)
+    # Eager gradients (loss_weights) under TP, with and without SP: the same reference.
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden, weight, _ = _inputs(dtype, seed=15)
+        targets = random_targets(L, B, 4, V, seed=15)
+        weights = _loss_weights(seed=15)
+        ref_loss, ref_h, ref_w = _reference(hidden, weight, targets, 0.25 * weights, "power")
+        for sp in (False, True):
+            h = (hidden[rows] if sp else hidden).clone().requires_grad_(True)
+            w = weight[shard].clone().requires_grad_(True)
+            loss = fused(h, w, targets, weighting="power", tp_group=group, sequence_parallel=sp, chunk_size=5,
+                         loss_weights=weights.to(dtype))
+            (loss.double() * weights).sum().mul(0.25).backward()
+            key = f"eager_{dtype}_sp{sp}"
+            out[f"loss_{key}"] = _rel(loss, ref_loss)
+            out[f"hgrad_{key}"] = _rel(h.grad, ref_h[rows] if sp else ref_h)
+            out[f"wgrad_{key}"] = _rel(w.grad, ref_w[shard])
     # s = 1 against Megatron's CE on the unfused logits of the same shard, both sharded over the group.
     hidden, weight, grad_out = _inputs(torch.float32, seed=13)
     labels = torch.randint(0, V, (L, B), generator=torch.Generator().manual_seed(13))
@@ -212,6 +278,7 @@ def tp2_results():
     return run_distributed(_tp2_checks, world_size=2, layout=Layout(tp=2))
 
 
+@pytest.mark.parallel
 @pytest.mark.parametrize("sp", [False, True])
 def test_tp2_matches_float64_reference(tp2_results, sp):
     for result in tp2_results:
@@ -221,8 +288,12 @@ def test_tp2_matches_float64_reference(tp2_results, sp):
                 for what in ("loss", "hgrad", "wgrad"):
                     assert result[f"{what}_{key}"] < TOL[dtype], (what, key, result[f"{what}_{key}"])
                 assert result[f"hshape_{key}"] == ((L // 2 if sp else L), B, H)
+            key = f"eager_{dtype}_sp{sp}"
+            for what in ("loss", "hgrad", "wgrad"):
+                assert result[f"{what}_{key}"] < TOL[dtype], (what, key, result[f"{what}_{key}"])
 
 
+@pytest.mark.parallel
 @pytest.mark.parametrize("sp", [False, True])
 def test_tp2_bag_of_one_equals_megatron_cross_entropy(tp2_results, sp):
     for result in tp2_results:
@@ -230,11 +301,13 @@ def test_tp2_bag_of_one_equals_megatron_cross_entropy(tp2_results, sp):
             assert result[f"megatron_{what}_sp{sp}"] < 1e-6, (what, result[f"megatron_{what}_sp{sp}"])
 
 
+@pytest.mark.parallel
 def test_tp_group_none_means_not_sharded(tp2_results):
     for result in tp2_results:
         assert result["unsharded_mce"] < 1e-6 and result["unsharded_fused"] < 1e-6
 
 
+@pytest.mark.parallel
 def test_tp2_refuses_a_weight_not_sharded_as_the_group_says(tp2_results):
     for result in tp2_results:
         assert "not vocab-sharded as the TP group says" in result["shard_error"]

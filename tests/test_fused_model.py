@@ -5,10 +5,12 @@ test_fused_trainer.py."""
 
 import pytest
 import torch
+from parallel_harness import MBS, Case, L, V, make_microbatches, model_options, transformer_config, tst_config
 
 from megatron_tst.model import FusedLossOutputLayer, build_gpt_model
 from megatron_tst.superposition import TARGETS_KEY
-from parallel_harness import L, MBS, V, Case, make_microbatches, model_options, transformer_config, tst_config
+
+pytestmark = pytest.mark.parallel
 
 
 def _pair(moe, untie):
@@ -44,7 +46,8 @@ def test_fused_equals_unfused_in_both_phases(megatron_single_process, moe, untie
             if superposition:
                 loss = model(batch["tokens"], None, None, labels=batch[TARGETS_KEY], tst_superposition=True)
             else:
-                loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+                loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                             loss_mask=batch["loss_mask"])  # as forward_step calls it
             (loss * grad_out).sum().backward()
             results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
         (loss_u, grads_u), (loss_f, grads_f) = results
@@ -90,4 +93,5 @@ def test_logits_that_reach_the_loss_with_the_fusion_configured_get_megatrons_cro
     logits = torch.randn(L, MBS, V, generator=g)
     labels = torch.randint(0, V, (MBS, L), generator=g)
     got = fused.compute_language_model_loss(labels, logits.clone())
-    torch.testing.assert_close(got, vocab_parallel_cross_entropy(logits.clone(), labels.t().contiguous()).t(), rtol=1e-6, atol=1e-6)
+    expected = vocab_parallel_cross_entropy(logits.clone(), labels.t().contiguous()).t()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -3,8 +3,9 @@ it, step for step, through both phases, at TP=2 + sequence parallelism and at PP
 float32, mock data). Also: the flags without `linear` stay ignored, as before."""
 
 import pytest
+from trainer_cli import read_jsonl, run_trainer
 
-from test_pretrain_e2e import read_jsonl, run_trainer
+pytestmark = pytest.mark.e2e
 
 L, ITERS, SUP = 16, 6, 3
 BASE = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-query-attention --num-query-groups 2 "

@@ -17,16 +17,20 @@ TINY = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-query-gro
         "--lr-wsd-decay-iters 2 --num-workers 0 --eval-iters 0")
 
 
+@pytest.mark.unit
 def test_shell_scripts_pass_shellcheck():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (CI installs it: apt-get install shellcheck)")
-    scripts = sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh")) + glob.glob(os.path.join(ROOT, "launch", "*.sbatch"))
+    scripts = sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh"))
+                     + glob.glob(os.path.join(ROOT, "launch", "*.sbatch"))
                      + glob.glob(os.path.join(ROOT, "tests", "slurm", "*.sh"))
                      + glob.glob(os.path.join(ROOT, "tools", "*.sh")) + [os.path.join(ROOT, ".ci", "run")])
-    result = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True, cwd=os.path.join(ROOT, "launch"))
+    result = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True,
+                            cwd=os.path.join(ROOT, "launch"))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.unit
 def test_dry_run_prints_the_torchrun_command():
     env = {**os.environ, "TST_DRY_RUN": "1", "MOCK_DATA": "1", "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "2"}
     result = subprocess.run([os.path.join(ROOT, "launch", "train_local.sh"), "--lr", "1e-4"], capture_output=True,
@@ -55,6 +59,7 @@ def _slurm_e2e_missing():
 SLURM_E2E_MISSING = _slurm_e2e_missing()
 
 
+@pytest.mark.slurm
 @pytest.mark.skipif(bool(SLURM_E2E_MISSING), reason=SLURM_E2E_MISSING)
 def test_real_trainer_under_slurm_completes_preempts_requeues_and_resumes(tmp_path):
     env = {**os.environ, "TRAINER": "python -m megatron_tst.pretrain", "E2E_RECIPE": "270m", "E2E_EXTRA_ARGS": TINY,

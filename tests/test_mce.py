@@ -2,14 +2,18 @@
 
 import pytest
 import torch
+from reference import mce_reference, random_targets
 
 from megatron_tst.mce import (
     WEIGHTINGS,
     positions_with_targets,
     target_weights,
+)
+from megatron_tst.mce import (
     vocab_parallel_multi_hot_cross_entropy as mce,
 )
-from reference import mce_reference, random_targets
+
+pytestmark = pytest.mark.unit
 
 L, B, V = 7, 3, 50
 

@@ -17,8 +17,9 @@ import sys
 
 import pytest
 import torch
-
 from run_harness import Trainer
+
+pytestmark = pytest.mark.e2e
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANDBACK = os.path.join(ROOT, "tests", "megatron_lm", "handback.py")

@@ -5,11 +5,24 @@ import dataclasses
 import pytest
 import torch
 from megatron.core.models.gpt import GPTModel
+from parallel_harness import (
+    IGNORE,
+    MBS,
+    Case,
+    L,
+    S,
+    V,
+    make_microbatches,
+    model_options,
+    transformer_config,
+    tst_config,
+)
 
 from megatron_tst.model import GPTModelOptions, TSTGPTModel, build_gpt_model, layer_spec
 from megatron_tst.superposition import TARGETS_KEY
 from megatron_tst.testing.distributed import Layout, run_distributed
-from parallel_harness import IGNORE, L, MBS, S, V, Case, make_microbatches, model_options, transformer_config, tst_config
+
+pytestmark = pytest.mark.parallel
 
 
 def _stock(case):

@@ -9,6 +9,8 @@ import torch
 
 from megatron_tst.testing.distributed import Layout, run_distributed
 
+pytestmark = pytest.mark.parallel
+
 L, B, V, H = 8, 2, 64, 16
 WEIGHTINGS = ("uniform", "power", "exp", "first")
 
@@ -26,11 +28,10 @@ def _rel(a, b):
 
 def _mce_checks(solo):
     import torch.distributed as dist
-
-    from megatron_tst.mce import vocab_parallel_multi_hot_cross_entropy as mce
+    from megatron.core import parallel_state
     from reference import random_targets
 
-    from megatron.core import parallel_state
+    from megatron_tst.mce import vocab_parallel_multi_hot_cross_entropy as mce
 
     rank = dist.get_rank()
     tp_group = parallel_state.get_tensor_model_parallel_group()

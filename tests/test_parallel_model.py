@@ -5,15 +5,18 @@ layout). Each layout runs on 2 gloo processes with the weights of a TP=PP=EP=DP=
 and the same micro-batches, in both phases: the global-batch loss matches to 1e-5 relative and every
 parameter's gradient (after Megatron's reductions) matches; for DP=2 + distributed optimizer one full
 Adam step gives the same weights. All layouts share one spawn (parallel state is re-initialised per layout).
+Every case runs the trainer's own build (`build.build_components`) and step (`megatron_tst.training.step.train_step`)
+from its command line (`parallel_harness.case_argv`).
 """
 
 import traceback
 
 import pytest
-import torch
+from parallel_harness import Case, build_case, run_case
 
-from megatron_tst.testing.distributed import Layout, run_distributed
-from parallel_harness import Case, build_chunks, run_case
+from megatron_tst.testing.distributed import run_distributed
+
+pytestmark = pytest.mark.parallel
 
 CASES = [
     Case("tp2", tp=2),
@@ -57,12 +60,9 @@ def _compare(result, reference):
 
 
 def layouts_worker(references):
-    from megatron_tst.testing.distributed import relayout
-
     out = {}
     for case in CASES:
-        try:
-            relayout(Layout(tp=case.tp, pp=case.pp, vpp=case.vpp, ep=case.ep))
+        try:  # build_case sets up the case's layout (build.setup_parallel)
             out[case.name] = _compare(run_case(case, references[case.name]["weights"]),
                                       references[case.name]["result"])
         except Exception:
@@ -77,8 +77,7 @@ def layout_results(megatron_single_process):
     references = {}
     for case in CASES:
         ref_case = _reference_case(case)
-        torch.manual_seed(1234)
-        weights = gather_global(build_chunks(ref_case))
+        weights = gather_global(build_case(ref_case)[1].model)
         references[case.name] = {"weights": weights, "result": run_case(ref_case, weights)}
     return run_distributed(layouts_worker, world_size=2, args=(references,))
 

@@ -4,15 +4,12 @@ Checks the phase switch, the LR schedule across it, the token-stream invariant a
 stream, and that loss falls; plus bad input refused before any heavy work.
 """
 
-import json
 import os
-import subprocess
-import sys
 from collections import defaultdict
 
 import pytest
-
 from text_corpus import VOCAB_SIZE, build_byte_corpus
+from trainer_cli import read_jsonl, run_trainer
 
 L, G, BAG, TRAIN_ITERS, SUP_ITERS = 64, 8, 4, 24, 8
 
@@ -26,20 +23,6 @@ TRAINING = (f"--micro-batch-size 2 --global-batch-size {G} --train-iters {TRAIN_
 TST = f"--tst-bag-size {BAG} --tst-superposition-iters {SUP_ITERS}"
 # The baseline of the comparison: the same data flags (bag size, hence the same stream), no superposition steps.
 BASELINE = f"--tst-bag-size {BAG} --tst-superposition-iters 0"
-
-
-def run_trainer(args, nproc=2, timeout=600):
-    """python -m torch.distributed.run ... -m megatron_tst.pretrain ARGS; returns the CompletedProcess."""
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-                if nproc > 1 else [sys.executable])
-    cmd = launcher + ["-m", "megatron_tst.pretrain"] + args
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +50,7 @@ def _train(records):
     return {r["iteration"]: r for r in records if r["kind"] == "train"}
 
 
+@pytest.mark.e2e
 def test_phase_switch_at_the_right_iteration(runs):
     train = _train(runs["tst"]["metrics"])
     assert sorted(train) == list(range(1, TRAIN_ITERS + 1))
@@ -79,6 +63,7 @@ def test_phase_switch_at_the_right_iteration(runs):
     assert "phase: superposition" in runs["tst"]["stdout"] and "phase: recovery" in runs["tst"]["stdout"]
 
 
+@pytest.mark.e2e
 def test_one_lr_schedule_continuous_across_the_switch(runs):
     tst, base = _train(runs["tst"]["metrics"]), _train(runs["baseline"]["metrics"])
     for iteration in range(1, TRAIN_ITERS + 1):  # the TST run follows the baseline's schedule step for step
@@ -88,6 +73,7 @@ def test_one_lr_schedule_continuous_across_the_switch(runs):
     assert abs(lrs[SUP_ITERS] - lrs[SUP_ITERS - 1]) <= max(jumps[:SUP_ITERS - 1] + jumps[SUP_ITERS:]) + 1e-12
 
 
+@pytest.mark.e2e
 def test_consumed_samples_and_tokens(runs):
     train = _train(runs["tst"]["metrics"])
     for iteration, record in train.items():
@@ -111,6 +97,7 @@ def _stream(directory):
     return by_iteration, tokens_of
 
 
+@pytest.mark.e2e
 def test_token_stream_is_the_baseline_stream_with_nothing_repeated_or_skipped(runs):
     tst_steps, tst_tokens = _stream(runs["tst"]["dir"])
     base_steps, base_tokens = _stream(runs["baseline"]["dir"])
@@ -125,6 +112,7 @@ def test_token_stream_is_the_baseline_stream_with_nothing_repeated_or_skipped(ru
     assert sorted(tst_steps[SUP_ITERS]) == list(range(SUP_ITERS * G * BAG, SUP_ITERS * G * BAG + G))
 
 
+@pytest.mark.e2e
 def test_loss_falls_on_real_text(runs):
     for name in ("baseline", "tst"):
         evals = [r for r in runs[name]["metrics"] if r["kind"] == "eval"]
@@ -137,24 +125,24 @@ def test_loss_falls_on_real_text(runs):
     assert all("eval_mce_loss" not in r for r in tst_evals if r["phase"] == "recovery")
 
 
+@pytest.mark.parallel
 def test_tst_and_baseline_flags_build_identical_models(megatron_single_process, corpus):
     import torch
 
     from megatron_tst.training import arguments
-    from megatron_tst.training.build import build_model, set_random_seed
+    from megatron_tst.training.build import build_components, setup_parallel
 
     states = []
     for extra in ("", TST):
         args = arguments.parse_args(f"{MODEL} {TRAINING} {extra} --data-path {corpus}".split(), world_size=1)
-        args.rank = 0
-        set_random_seed(args.seed)
-        model = build_model(args, arguments.transformer_config_from_args(args),
-                            arguments.model_options_from_args(args, 384))
+        setup_parallel(args)
+        model = build_components(args, 384).model
         states.append({k: v.clone() if torch.is_tensor(v) else v for k, v in model[0].module.state_dict().items()})
     assert list(states[0]) == list(states[1])
     assert all(torch.equal(a, states[1][k]) if torch.is_tensor(a) else a == states[1][k] for k, a in states[0].items())
 
 
+@pytest.mark.e2e
 def test_tensorboard_events_carry_the_phase_and_losses(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -10,7 +10,7 @@ import pytest
 
 from megatron_tst import recipes
 from megatron_tst.params import count_parameters, count_parameters_from_args
-from megatron_tst.training import arguments
+from megatron_tst.training import arguments, configs
 from megatron_tst.training.tokenizer import vocab_size_with_padding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,8 +34,8 @@ def _build(args):
 
     padded = vocab_size_with_padding(args.vocab_size, args.make_vocab_size_divisible_by,
                                      args.tensor_model_parallel_size)
-    config = arguments.transformer_config_from_args(args)
-    model = build_gpt_model(config, arguments.model_options_from_args(args, padded), args.tst,
+    config = configs.transformer_config_from_args(args)
+    model = build_gpt_model(config, configs.model_options_from_args(args, padded), args.tst,
                             seq_length=args.seq_length)
     return model, padded
 
@@ -43,6 +43,7 @@ def _build(args):
 # ------------------------------------------------------------------------------------------------- recipes
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", recipes.names())
 def test_every_recipe_parses_with_its_layout(name):
     recipe = recipes.get(name)
@@ -59,6 +60,7 @@ def test_every_recipe_parses_with_its_layout(name):
     assert args.ignored_flags == []
 
 
+@pytest.mark.unit
 def test_recipe_settings_match_the_paper():
     lrs = {"270m": 2e-3, "600m": 1e-3, "3b": 2e-4, "10b-a1b": 3e-4}
     for name, lr in lrs.items():
@@ -76,6 +78,7 @@ def test_recipe_settings_match_the_paper():
     assert "moe-shared-expert-intermediate-size" not in moe and moe["qk-layernorm"] is True
 
 
+@pytest.mark.unit
 def test_command_line_overrides_the_recipe():
     args = _parse(["--recipe", "3b", "--lr", "1e-4", "--micro-batch-size", "1", "--tensor-model-parallel-size", "2",
                    "--tst-superposition-ratio", "0"] + NO_DATA + ["--vocab-size", "128256"], world_size=8)
@@ -86,6 +89,7 @@ def test_command_line_overrides_the_recipe():
         assert steps.tst_superposition_steps == 100  # replaces the recipe's ratio, in either flag form
 
 
+@pytest.mark.unit
 def test_recipe_lr_decay_follows_a_shorter_train_iters(tmp_path):
     base = ["--recipe", "600m"] + NO_DATA + ["--vocab-size", "49152"]
     assert _parse(base + ["--train-iters", "3000"], world_size=8).lr_wsd_decay_iters == 300
@@ -101,6 +105,7 @@ def test_recipe_lr_decay_follows_a_shorter_train_iters(tmp_path):
     assert _parse(base, world_size=8).lr_wsd_decay_iters == recipe["lr-wsd-decay-iters"]
 
 
+@pytest.mark.unit
 def test_unknown_recipe_lists_the_names():
     with pytest.raises(ValueError, match="270m, 600m, 3b, 10b-a1b"):
         recipes.recipe_flags("7b")
@@ -121,6 +126,7 @@ def _scaled_down(name):
     return _parse(argv)
 
 
+@pytest.mark.parallel
 @pytest.mark.parametrize("name", recipes.names())
 def test_count_parameters_is_exact_for_each_recipe_model(megatron_single_process, name):
     args = _scaled_down(name)
@@ -142,6 +148,7 @@ def test_count_parameters_is_exact_for_each_recipe_model(megatron_single_process
     assert counts["total_non_embedding"] == counts["total"] - counts["embedding"] - counts["output_layer"]
 
 
+@pytest.mark.parallel
 @pytest.mark.parametrize("variant", ["layernorm_bias_learned_tied", "moe_pattern_shared_expert_qkv_bias"])
 def test_count_parameters_is_exact_for_other_megatron_structures(megatron_single_process, variant):
     argv = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
@@ -165,10 +172,11 @@ def test_count_parameters_is_exact_for_other_megatron_structures(megatron_single
         assert counts["position_embedding"] == 48 * 64 and counts["output_layer"] == 0
 
 
+@pytest.mark.unit
 def test_10b_a1b_sizes_match_the_spec():
     recipe = recipes.get("10b-a1b")
     args = _parse(["--recipe", "10b-a1b"] + NO_DATA + ["--vocab-size", str(recipe.vocab_size)], world_size=8)
-    counts = count_parameters(arguments.model_shape_from_args(args, 151936), qk_layernorm=True)
+    counts = count_parameters(configs.model_shape_from_args(args, 151936), qk_layernorm=True)
     assert counts == count_parameters_from_args(args, 151936)
     assert counts["total_non_embedding"] == pytest.approx(10.02e9, rel=0.01)
     assert counts["active_non_embedding"] == pytest.approx(0.96e9, rel=0.01)
@@ -182,6 +190,7 @@ def test_10b_a1b_sizes_match_the_spec():
 # ------------------------------------------------------------------------------------------------- planner
 
 
+@pytest.mark.unit
 def test_plan_json_for_10b_a1b():
     from megatron_tst.flops import training_flops_per_step
 
@@ -201,7 +210,7 @@ def test_plan_json_for_10b_a1b():
     assert plan["tokens_per_step"] == {"superposition": 16 * positions, "recovery": positions}
     assert plan["tokens_total"]["total"] == 12495 * 16 * positions + (49983 - 12495) * positions
     args = _parse(["--recipe", "10b-a1b"] + NO_DATA + ["--vocab-size", "151936"], world_size=32)
-    assert plan["flops_per_step"] == training_flops_per_step(arguments.model_shape_from_args(args, 152064),
+    assert plan["flops_per_step"] == training_flops_per_step(configs.model_shape_from_args(args, 152064),
                                                              8192, 1024)
     mem = plan["memory_gb_per_gpu"]
     parts = mem["weights"] + mem["gradients"] + mem["optimizer"] + mem["activations"] + mem["logits"]
@@ -217,6 +226,7 @@ def test_plan_json_for_10b_a1b():
     assert time["step_seconds"] == pytest.approx(plan["flops_per_step"] / (0.4 * 989e12 * 32))
 
 
+@pytest.mark.unit
 def test_plan_refuses_heads_not_divisible_by_tp():
     proc = subprocess.run([sys.executable, PLAN, "--recipe", "270m", "--gpus-per-node", "5",
                            "--tensor-model-parallel-size", "5"], capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -225,6 +235,7 @@ def test_plan_refuses_heads_not_divisible_by_tp():
     assert "--num-attention-heads 9 is not divisible by TP=5" in proc.stderr
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("argv, message", [
     (["--recipe", "10b-a1b", "--expert-model-parallel-size", "3", "--gpus-per-node", "6"],
      "--num-experts 128 is not divisible by EP=3"),
@@ -243,6 +254,7 @@ def test_plan_refuses_layouts_that_cannot_work(capsys, argv, message):
     assert message in captured.err and captured.out == ""
 
 
+@pytest.mark.unit
 def test_plan_text_output_and_time(capsys):
     assert _plan_module().main(["--recipe", "270m", "--tokens-per-second", "300000"]) == 0
     out = capsys.readouterr().out
@@ -250,9 +262,11 @@ def test_plan_text_output_and_time(capsys):
     assert "time at 300,000 positions/s/GPU" in out
 
 
+@pytest.mark.unit
 def test_plan_accounts_for_the_fused_output_layer_and_loss():
     """With Megatron-LM's linear loss fusion the logits term is one chunk's logits, the per-position statistics
-    and the float32 weight-gradient accumulator instead of [positions, V/tp] bf16 logits + their fp32 softmax."""
+    the fp32 hidden gradient and the float32 weight-gradient accumulator (eager gradients) instead of
+    [positions, V/tp] bf16 logits + their fp32 softmax."""
     from megatron_tst.mce import default_chunk_size
 
     plan_tool = _plan_module()
@@ -265,8 +279,8 @@ def test_plan_accounts_for_the_fused_output_layer_and_loss():
     assert stock["layout"]["tensor_model_parallel"] == 1 and vocab >= 128256
     assert unfused["logits"] * 2**30 == pytest.approx(positions * ((2 + 4) * vocab + 2 * 2 * hidden))
     chunk = default_chunk_size(vocab, positions)
-    assert chunk == 130  # 64 MiB of fp32 logits
-    expected = chunk * (6 * vocab + 4 * hidden) + positions * (9 + 12 * bag + 2 * hidden) + 4 * vocab * hidden
+    assert chunk == 260  # 128 MiB of fp32 logits
+    expected = chunk * (6 * vocab + 4 * hidden) + positions * (9 + 12 * bag + 4 * hidden) + 4 * vocab * hidden
     assert fused["logits"] * 2**30 == pytest.approx(expected)
     assert fused["logits"] < unfused["logits"] / 15
     assert fused["total"] - fused["logits"] == pytest.approx(unfused["total"] - unfused["logits"])

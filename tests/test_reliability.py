@@ -8,10 +8,10 @@ import os
 
 import pytest
 import torch
-
-from megatron_tst.testing.distributed import Layout, run_distributed
 from run_harness import Trainer
 from text_corpus import VOCAB_SIZE, build_byte_corpus
+
+from megatron_tst.testing.distributed import Layout, run_distributed
 
 TINY = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --micro-batch-size 2 "
         "--global-batch-size 2 --attention-dropout 0.0 --hidden-dropout 0.0 --tokenizer-type NullTokenizer "
@@ -43,12 +43,13 @@ def _diverge(trainer, steps, micro_batches):
     for iteration in range(1, steps + 1):
         before = _snapshot(trainer)
         try:
-            trainer.train_step(micro_batches(iteration))
+            trainer.step(micro_batches(iteration))
         except NonFiniteError as err:
             return err, iteration, before
     return None, None, None
 
 
+@pytest.mark.parallel
 @pytest.mark.parametrize("case", ["fp32", "bf16", "moe", "mce"])
 def test_a_non_finite_step_is_never_applied(megatron_single_process, case):
     """The issue's divergence (--lr 1e4 --clip-grad 0): the first step with a NaN/Inf loss or gradient raises
@@ -70,8 +71,8 @@ def test_a_non_finite_step_is_never_applied(megatron_single_process, case):
     if case == "mce":  # superposition micro-batches through the same train_step
         from megatron_tst.training.step import train_step
 
-        trainer.train_step = lambda batches: train_step(iter(batches), trainer.model, trainer.optimizer,
-                                                        trainer.scheduler, trainer.args)
+        trainer.step = lambda batches: train_step(iter(batches), trainer.model, trainer.optimizer,
+                                                        trainer.settings, trainer.scheduler)
     err, iteration, before = _diverge(trainer, 50, micro_batches)
     assert err is not None, "the run never diverged: the test lost its premise"
     assert iteration > 1 and ("loss" in str(err) or "gradient" in str(err)), (iteration, str(err))
@@ -82,16 +83,18 @@ def test_a_non_finite_step_is_never_applied(megatron_single_process, case):
     assert before[1] == after[1] and before[2] == after[2], "the non-finite step moved the LR schedule"
 
 
+@pytest.mark.parallel
 def test_without_the_check_the_step_is_applied(megatron_single_process):
     """--no-check-for-nan-in-loss-and-grad: Megatron-LM's opt-out trains on (the check is what stops it)."""
     trainer = Trainer(TINY + ["--lr", "1e4", "--clip-grad", "0", "--train-iters", "30",
                               "--no-check-for-nan-in-loss-and-grad"], padded_vocab_size=128)
-    norms = [trainer.train_step([_sequences(2, seed=i)])["grad_norm"] for i in range(1, 15)]
+    norms = [trainer.step([_sequences(2, seed=i)])["grad_norm"] for i in range(1, 15)]
     assert any(not math.isfinite(n) for n in norms)
 
 
+@pytest.mark.e2e
 def test_a_model_with_non_finite_weights_is_never_saved(megatron_single_process, tmp_path):
-    from megatron_tst.training.checkpointing import TrainState
+    from megatron_tst.training.run_state import TrainState
 
     trainer = Trainer(TINY + ["--lr", "1e-3", "--train-iters", "4", "--save", str(tmp_path)],
                       padded_vocab_size=128)
@@ -110,7 +113,7 @@ def _agreement_and_clock_worker():
     import argparse
     import time
 
-    from megatron_tst.training.checkpointing import ExitConditions, TrainState, earliest_start_time
+    from megatron_tst.training.run_state import ExitConditions, TrainState, earliest_start_time
     from megatron_tst.training.step import agree_on_non_finite
 
     rank = torch.distributed.get_rank()
@@ -127,10 +130,12 @@ def two_rank_results():
     return run_distributed(_agreement_and_clock_worker, world_size=2, layout=Layout())
 
 
+@pytest.mark.parallel
 def test_all_ranks_agree_on_a_non_finite_finding(two_rank_results):
     assert [r[0] for r in two_rank_results] == [(["gradient"], [])] * 2
 
 
+@pytest.mark.parallel
 def test_exit_duration_counts_from_the_earliest_process_start(two_rank_results):
     """--exit-duration-in-mins: the clock is the earliest rank's start (Megatron-LM's _TRAIN_START_TIME,
     all-reduced MIN); the trainer passes its import time (megatron_tst.pretrain._PROCESS_START_TIME)."""
@@ -155,10 +160,10 @@ def resumable(megatron_single_process, corpus, tmp_path_factory):
     records them), after 3 real steps (so the schedule has moved)."""
     directory = str(tmp_path_factory.mktemp("resumable"))
     trainer = Trainer(RESUME + ["--save", directory], padded_vocab_size=128)
-    from megatron_tst.training.checkpointing import TrainState
+    from megatron_tst.training.run_state import TrainState
 
     for i in range(3):
-        trainer.train_step([_sequences(2, seed=i)])
+        trainer.step([_sequences(2, seed=i)])
     trainer.args.mock_data, trainer.args.data_path, trainer.args.split = False, [corpus], "98,2,0"
     trainer.save(TrainState(iteration=3, consumed_train_samples=12))
     return directory, corpus
@@ -181,17 +186,20 @@ def _resume_error(directory, corpus, changes, keep=()):
     return None
 
 
+@pytest.mark.e2e
 def test_the_same_command_line_resumes(resumable):
     assert _resume_error(*resumable, []) is None
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("changes, expected", [
     (["--seq-length", "32", "--max-position-embeddings", "32"], "--seq-length: checkpoint 16, this run 32"),
     (["--global-batch-size", "4"], "--global-batch-size: checkpoint 2, this run 4"),
     (["--seed", "8"], "--seed: checkpoint 7, this run 8"),
     (["--split", "90,10,0"], "--split"),
     # windows of 2 L-samples read as windows of 4: the layout check names the bag size to continue with
-    (["--tst-bag-size", "4", "--seq-length", "16"], "Continue with --tst-sample-layout contiguous and --tst-bag-size 2"),
+    (["--tst-bag-size", "4", "--seq-length", "16"],
+     "Continue with --tst-sample-layout contiguous and --tst-bag-size 2"),
     (["--tokenizer-type", "NullTokenizer", "--vocab-size", "120"], "--vocab-size: checkpoint 128, this run 120"),
     # a ratio-based phase plan: the superposition phase follows --train-iters, blame that flag
     (["--train-iters", "40"], "--train-iters: checkpoint 20, this run 40, and --tst-superposition-ratio 0.25"),
@@ -203,6 +211,7 @@ def test_a_resume_that_changes_the_sample_stream_is_refused(resumable, changes, 
     assert "--finetune" in message and ("Restore the checkpoint's values" in message or "Continue with" in message)
 
 
+@pytest.mark.e2e
 def test_a_resume_on_other_data_is_refused(resumable, tmp_path):
     other = build_byte_corpus(str(tmp_path), name="other_text")
     directory, corpus = resumable
@@ -210,6 +219,7 @@ def test_a_resume_on_other_data_is_refused(resumable, tmp_path):
     assert message is not None and "--data-path: checkpoint" in message and "other_text" in message
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("changes, expected", [
     (["--lr", "2e-3"], ["--lr: checkpoint 0.001, this run 0.002"]),
     (["--min-lr", "0"], ["--min-lr: checkpoint 0.0001, this run 0.0"]),
@@ -228,6 +238,7 @@ def test_a_schedule_change_names_the_flag_both_values_and_the_ways_forward(resum
         assert _resume_error(*resumable, changes + [flag]) is None
 
 
+@pytest.mark.e2e
 def test_the_two_schedule_sources_exclude_each_other(resumable):
     with pytest.raises(SystemExit):
         _resume_error(*resumable, ["--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"])
@@ -239,12 +250,12 @@ def test_the_two_schedule_sources_exclude_each_other(resumable):
 @pytest.fixture(scope="module")
 def scheduled(megatron_single_process, tmp_path_factory):
     """A checkpoint 3 steps into a run with --lr 1e-3, 2 warm-up steps, constant decay."""
-    from megatron_tst.training.checkpointing import TrainState
+    from megatron_tst.training.run_state import TrainState
 
     directory = str(tmp_path_factory.mktemp("scheduled"))
     trainer = Trainer(RESUME + ["--save", directory], padded_vocab_size=128)
     for i in range(3):
-        trainer.train_step([_sequences(2, seed=i)])
+        trainer.step([_sequences(2, seed=i)])
     trainer.save(TrainState(iteration=3, consumed_train_samples=12))
     return directory
 
@@ -253,6 +264,7 @@ def _lrs(trainer):
     return {group["lr"] for group in trainer.optimizer.param_groups}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("flags, lr", [
     # the command line's schedule from the checkpoint's step on: the new --lr is the one used
     (["--lr", "2e-3", "--override-opt_param-scheduler"], 2e-3),
@@ -268,7 +280,7 @@ def test_where_the_schedule_comes_from_at_a_resume(scheduled, flags, lr):
     assert state.iteration == 3
     assert _lrs(trainer) == {lr}, (flags, _lrs(trainer))
     if lr:  # past warm-up with a constant schedule: the next step keeps it
-        trainer.train_step([_sequences(2, seed=9)])
+        trainer.step([_sequences(2, seed=9)])
         assert _lrs(trainer) == {lr}
 
 
@@ -306,6 +318,7 @@ def _build(args):
                                lambda: True)
 
 
+@pytest.mark.unit
 def test_weighted_blends_and_weighted_per_split_paths_build(megatron_single_process, corpus, tmp_path):
     """`--data-path 0.3 A 0.7 B --split 98,2,0` and a weighted --test-data-path, through Megatron-Core's builder
     with Megatron-LM's sample counts (formerly `size_is_none => weights_are_none`)."""
@@ -319,6 +332,7 @@ def test_weighted_blends_and_weighted_per_split_paths_build(megatron_single_proc
     assert len(train) >= 8 and len(valid) >= 2 and len(test) >= 2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("weighted", [False, True])
 def test_a_member_with_an_empty_split_is_named(megatron_single_process, corpus, tmp_path, weighted):
     """`--data-path A TINY --split 90,5,5`: TINY (3 documents) has none in the validation split."""
@@ -329,6 +343,7 @@ def test_a_member_with_an_empty_split_is_named(megatron_single_process, corpus, 
         _build(_data_args(["--data-path", *paths, "--split", "90,5,5", "--data-cache-path", str(tmp_path)]))
 
 
+@pytest.mark.unit
 def test_a_split_empty_for_every_member_is_skipped(megatron_single_process, tmp_path):
     tiny = _tiny_corpus(str(tmp_path), 3)
     train, valid, test = _build(_data_args(["--data-path", tiny, "--split", "90,5,5",
@@ -339,20 +354,22 @@ def test_a_split_empty_for_every_member_is_skipped(megatron_single_process, tmp_
 # ------------------------------------------------------------------------------ layouts, vocabulary, MoE losses
 
 
+@pytest.mark.unit
 def test_fewer_kv_groups_than_tp_ranks_are_accepted_as_megatron_core_accepts_them():
-    from megatron_tst.training import arguments
+    from megatron_tst.training import arguments, configs
 
     base = TINY + ["--lr", "1e-3", "--train-iters", "2", "--mock-data", "--group-query-attention"]
     args = arguments.parse_args(base + ["--num-query-groups", "1", "--tensor-model-parallel-size", "2"],
                                 world_size=2)
     assert args.num_query_groups == 1
-    arguments.transformer_config_from_args(args)  # Megatron-Core's own check accepts it too
+    configs.transformer_config_from_args(args)  # Megatron-Core's own check accepts it too
     with pytest.raises(SystemExit):  # 3 groups at TP=2: neither divides the other
         arguments.parse_args(TINY[:4] + ["--num-attention-heads", "6", "--hidden-size", "48"] + TINY[6:]
                              + ["--lr", "1e-3", "--train-iters", "2", "--mock-data", "--group-query-attention",
                                 "--num-query-groups", "3", "--tensor-model-parallel-size", "2"], world_size=2)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["270m", "600m", "3b", "10b-a1b"])
 def test_recipes_pad_the_vocabulary_alike_at_every_tp_they_allow(name):
     from megatron_tst import recipes
@@ -367,6 +384,7 @@ def test_recipes_pad_the_vocabulary_alike_at_every_tp_they_allow(name):
         assert 8 in sizes  # 4 KV groups at TP=8: KV heads replicated, as Megatron-Core allows
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["3b", "10b-a1b"])
 def test_the_planner_accepts_tp_8_with_4_kv_groups(capsys, name):
     import importlib.util
@@ -379,6 +397,7 @@ def test_the_planner_accepts_tp_8_with_4_kv_groups(capsys, name):
     assert plan.main(["--recipe", name, "--tensor-model-parallel-size", "8"] + experts) == 0, capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_a_vocabulary_padding_mismatch_names_the_flag(scheduled):
     from megatron_tst.training import arguments, checkpointing
 
@@ -389,6 +408,7 @@ def test_a_vocabulary_padding_mismatch_names_the_flag(scheduled):
         checkpointing.check_load_arguments(args)
 
 
+@pytest.mark.unit
 def test_moe_balancing_losses_under_per_token_loss_at_tp_2_are_refused_where_megatron_core_scales_them(capsys):
     from megatron_tst.training import arguments
 
@@ -405,6 +425,7 @@ def test_moe_balancing_losses_under_per_token_loss_at_tp_2_are_refused_where_meg
     assert arguments.parse_args(argv[:-2], world_size=1).calculate_per_token_loss  # TP=1: no scaling issue
 
 
+@pytest.mark.unit
 def test_the_console_line_shows_the_moe_balancing_losses():
     from megatron_tst.training.metrics import format_train_line
 
@@ -419,11 +440,12 @@ def test_the_console_line_shows_the_moe_balancing_losses():
 # ------------------------------------------------------------------------------------- divergence, end to end
 
 
+@pytest.mark.e2e
 def test_divergence_stops_every_rank_keeps_the_last_good_checkpoint_and_resumes_from_it(corpus, tmp_path):
     """The issue's run (--lr 1e4 --clip-grad 0 --lr-decay-style constant, 2 ranks): non-zero exit naming the
     iteration, the phase and what was non-finite; the tracker names the last good checkpoint; a --load from the
     same directory (with a sane --lr, taken with --override-opt_param-scheduler) resumes from it."""
-    from test_pretrain_e2e import run_trainer
+    from trainer_cli import run_trainer
 
     save = str(tmp_path / "ckpt")
     base = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 "

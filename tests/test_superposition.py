@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from reference import superposed_reference
 
 from megatron_tst.superposition import build_bag_targets, check_bag_layout, split_into_bags, superposed_embedding
-from reference import superposed_reference
+
+pytestmark = pytest.mark.unit
 
 V, H = 40, 16
 

@@ -1,7 +1,7 @@
 """Benchmark: the fused output layer + MCE against the unfused ones, side by side in one run.
 
     python tools/bench_fused_mce.py                     # CPU grid: V in {32768, 131072}, s in {1, 6, 16}, fp32 + bf16
-    python tools/bench_fused_mce.py --vocab 32768 --dtypes fp32 --bags 1 6     # a part of it
+    python tools/bench_fused_mce.py --vocab 32768 --dtypes fp32 --bags 1 6 --methods fused unfused   # a part
     python tools/bench_fused_mce.py --gpu [--trainer]   # H200: the 600m output layer (h 960, V 128,256, 8 x 2016
                                                         # positions, bf16); --trainer adds the 600m training step
     python tools/bench_fused_mce.py --gpu --allow-cpu --trainer   # the GPU script as a tiny CPU smoke run
@@ -9,8 +9,11 @@
 Each case is one forward + backward of the output layer and the loss, from hidden states [L, b, h] and the output
 weight [V, h] (both requiring gradients) to the gradients of both, at L x b = 4096 positions, h = 512 (CPU grid):
 
-    fused     `fused_linear_vocab_parallel_multi_hot_cross_entropy` (chunk_size: --chunk-size, default the
-              function's default), targets [L, b, s]
+    fused     `fused_linear_vocab_parallel_multi_hot_cross_entropy` as the model calls it (chunk_size:
+              --chunk-size, default the function's default), targets [L, b, s], with `loss_weights` (the loss is
+              summed: weights 1): gradients computed in the forward, three GEMMs of the logits' size
+    recompute the same function without `loss_weights`: any incoming gradient; the backward recomputes each
+              chunk's logits (four GEMMs)
     unfused   the output layer as Megatron's ColumnParallelLinear computes it (hidden @ weight.T in the inputs'
               dtype) then `vocab_parallel_multi_hot_cross_entropy` as the model calls it (inplace, validate=False)
     megatron  the same output layer then Megatron-Core's `vocab_parallel_cross_entropy` (s = 1; the cost of a
@@ -36,11 +39,9 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, uninstalled
+import torch
 
-import torch  # noqa: E402
-
-METHODS = ("fused", "unfused", "megatron")
+METHODS = ("fused", "recompute", "unfused", "megatron")
 GPU_SHAPE = dict(positions=8 * 2016, batch=8, hidden=960, vocab=[128256], dtypes=["bf16"], bags=[1, 6])
 TINY = dict(positions=64, batch=2, hidden=32, vocab=[1024], bags=[1, 6])
 
@@ -83,7 +84,10 @@ def _step(method, hidden, weight, targets, chunk_size):
     from megatron_tst.mce import fused_linear_vocab_parallel_multi_hot_cross_entropy as fused_mce
     from megatron_tst.mce import vocab_parallel_multi_hot_cross_entropy
 
-    if method == "fused":
+    if method == "fused":  # as FusedLossOutputLayer calls it: the weights the loss is reduced with (a sum)
+        weights = torch.ones(targets.shape[:2], dtype=hidden.dtype, device=hidden.device)
+        loss = fused_mce(hidden, weight, targets, chunk_size=chunk_size, validate=False, loss_weights=weights)
+    elif method == "recompute":
         loss = fused_mce(hidden, weight, targets, chunk_size=chunk_size, validate=False)
     else:
         logits = torch.matmul(hidden, weight.t())  # ColumnParallelLinear's output, in the inputs' dtype
@@ -132,10 +136,12 @@ def run_one(case: dict) -> dict:
 def _cases(cli):
     for vocab in cli.vocab:
         for dtype in cli.dtypes:
-            yield dict(vocab=vocab, dtype=dtype, bag=1, method="megatron")
+            if "megatron" in cli.methods:
+                yield dict(vocab=vocab, dtype=dtype, bag=1, method="megatron")
             for bag in cli.bags:
-                for method in ("unfused", "fused"):
-                    yield dict(vocab=vocab, dtype=dtype, bag=bag, method=method)
+                for method in ("unfused", "fused", "recompute"):
+                    if method in cli.methods:
+                        yield dict(vocab=vocab, dtype=dtype, bag=bag, method=method)
 
 
 def run_grid(cli) -> list:
@@ -159,34 +165,46 @@ def run_grid(cli) -> list:
 
 
 def format_table(rows: list) -> str:
-    """One line per (V, dtype, s): times (s) and peak memory (MiB) of the three methods, fused / unfused ratios."""
+    """One line per (V, dtype, s): times (s) and peak memory (MiB) of the four methods, fused / unfused ratios
+    (and recompute / unfused)."""
     by = {(r["vocab"], r["dtype"], r["bag"], r["method"]): r for r in rows}
-    lines = ["| V | dtype | s | fused s | unfused s | Megatron CE s | fused / unfused time | fused MiB | "
-             "unfused MiB | Megatron CE MiB | fused / unfused memory |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| V | dtype | s | fused s | recompute s | unfused s | Megatron CE s | fused / unfused time | "
+             "recompute / unfused time | fused MiB | recompute MiB | unfused MiB | Megatron CE MiB | "
+             "fused / unfused memory |", "|" + "---|" * 14]
+
+    def cell(row, key, fmt):
+        return format(row[key], fmt) if row else ""
+
+    def ratio(a, b, key, fmt):
+        return format(a[key] / b[key], fmt) if a and b else ""
+
     for (vocab, dtype, bag, method), fused in by.items():
         if method != "fused":
             continue
         unfused, megatron = by.get((vocab, dtype, bag, "unfused")), by.get((vocab, dtype, 1, "megatron"))
-        if unfused is None:
-            continue
-        mt, mm = (f"{megatron['seconds']:.2f}", f"{megatron['peak_mib']:.0f}") if megatron else ("", "")
-        lines.append(f"| {vocab} | {dtype} | {bag} | {fused['seconds']:.2f} | {unfused['seconds']:.2f} | {mt} | "
-                     f"{fused['seconds'] / unfused['seconds']:.2f} | {fused['peak_mib']:.0f} | "
-                     f"{unfused['peak_mib']:.0f} | {mm} | {fused['peak_mib'] / unfused['peak_mib']:.3f} |")
+        recompute = by.get((vocab, dtype, bag, "recompute"))
+        lines.append(f"| {vocab} | {dtype} | {bag} | {cell(fused, 'seconds', '.2f')} | "
+                     f"{cell(recompute, 'seconds', '.2f')} | {cell(unfused, 'seconds', '.2f')} | "
+                     f"{cell(megatron, 'seconds', '.2f')} | {ratio(fused, unfused, 'seconds', '.2f')} | "
+                     f"{ratio(recompute, unfused, 'seconds', '.2f')} | {cell(fused, 'peak_mib', '.0f')} | "
+                     f"{cell(recompute, 'peak_mib', '.0f')} | {cell(unfused, 'peak_mib', '.0f')} | "
+                     f"{cell(megatron, 'peak_mib', '.0f')} | {ratio(fused, unfused, 'peak_mib', '.3f')} |")
     return "\n".join(lines)
 
 
 def check_same_loss(rows: list, rtol: float) -> list:
-    """(case, fused, unfused) where the two loss sums differ by more than rtol (both compute the same loss)."""
+    """(case, fused or recompute, unfused) where a fused loss sum differs from the unfused one by more than rtol
+    (all compute the same loss)."""
     by = {(r["vocab"], r["dtype"], r["bag"], r["method"]): r["loss_sum"] for r in rows}
-    return [(key[:3], value, by[key[:3] + ("unfused",)]) for key, value in by.items()
-            if key[3] == "fused" and abs(value - by[key[:3] + ("unfused",)]) > rtol * abs(value)]
+    return [(key, value, by[key[:3] + ("unfused",)]) for key, value in by.items()
+            if key[3] in ("fused", "recompute") and key[:3] + ("unfused",) in by
+            and abs(value - by[key[:3] + ("unfused",)]) > rtol * abs(value)]
 
 
 def trainer_steps(cli) -> dict:
     """The trainer's 600m step (superposition s=--bags[-1], recovery, stock) without and with the linear loss
-    fusion: ms/step, tokens/s and the peak device memory of each run (megatron_tst/testing/bench.py)."""
-    from megatron_tst.testing import bench
+    fusion: ms/step, tokens/s and the peak device memory of each run (tools/trainer_bench.py)."""
+    import trainer_bench as bench
 
     bench.quiet_known_warnings()
     world = bench.world_size_from_env()
@@ -223,6 +241,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--bags", type=int, nargs="+", default=[1, 6, 16])
     parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="a part of the comparison (e.g. without the unfused bf16 cases, slow on CPUs)")
     parser.add_argument("--positions", type=int, default=4096, help="L x b")
     parser.add_argument("--batch", type=int, default=4, help="b")
     parser.add_argument("--hidden", type=int, default=512, help="h")

@@ -7,8 +7,9 @@ stock Megatron-Core GPTModel step, side by side in one run.
 
 The 600m recipe (32 layers, hidden 960, heads 15/5, ffn 2560, vocab 128,256, seq 2016, micro-batch 8 x
 --num-microbatches 4 per step and GPU, bf16, distributed optimizer), TE layer specs when transformer_engine
-imports (else the local spec, with a warning, at micro-batch 2 unless --micro-batch). Variants, each a full training step of the trainer
-(megatron_tst/testing/bench.py): superposition (one per --bag-sizes s; s x the raw tokens per step), recovery
+imports (else the local spec, with a warning, at micro-batch 2 unless --micro-batch). Variants, each a full training
+step of the trainer
+(tools/trainer_bench.py): superposition (one per --bag-sizes s; s x the raw tokens per step), recovery
 (TSTGPTModel, stock batches) and stock (an unmodified GPTModel on the same batches); identical initial weights;
 --warmup untimed then --steps timed rounds, variants interleaved; medians.
 
@@ -23,16 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, uninstalled
 
 SCRIPT = "bench_gpu"
 
 
 def run(cli) -> int:
-    from megatron_tst.testing import bench
+    import trainer_bench as bench
 
     summary = bench.measure_for_script(cli, SCRIPT)[0]
     failed = [c for c in (bench.finite_check(name, r) for name, r in summary["variants"].items()) if not c.ok]
@@ -48,7 +46,7 @@ def run(cli) -> int:
 
 
 def main(argv=None) -> int:
-    from megatron_tst.testing import bench
+    import trainer_bench as bench
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_gpu_arguments(parser, warmup=5, steps=20, bag_sizes=[6])

@@ -9,7 +9,8 @@ Times forward+backward and measures peak memory of
          its own copy of the logits, since Megatron's CE overwrites its input);
     (c)  one Megatron cross-entropy (s = 1), the cost of a baseline step's loss.
 Gradients are taken with torch.autograd.grad, as a model's output layer would consume them (no
-accumulation into a leaf's .grad). Peak memory is the process's peak resident set (Linux VmHWM, reset before each variant) above what it
+accumulation into a leaf's .grad). Peak memory is the process's peak resident set (Linux VmHWM, reset before each
+variant) above what it
 held before the logits were created, so it counts the logits, everything the loss keeps for backward,
 and the gradient. Prints a table of absolute numbers and ratios to (c). CPU only (gloo, 1 process).
 """

@@ -12,7 +12,7 @@ AdamW, distributed optimizer, sequence parallelism when TP > 1) at a small shape
     (c) stock step: an unmodified Megatron-Core GPTModel from the same spec, the same micro-batches as (b)
 Each step is the trainer's `train_step` (Megatron's get_forward_backward_func over --num-microbatches
 micro-batches, gradient finalisation, optimizer step). Same shapes, optimizer and initial weights; rounds
-interleave the variants after warmup; medians (see megatron_tst/testing/bench.py).
+interleave the variants after warmup; medians (see tools/trainer_bench.py).
 
 Threads: every configuration uses the same cores (--threads, default all): TP=1 is one process with all of
 them, TP=2 two processes with half each (torch.set_num_threads in each process).
@@ -30,8 +30,6 @@ import argparse
 import json
 import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, uninstalled
 
 TIME_TARGET = 1.05
 TOKENS_TARGET = 0.95
@@ -53,14 +51,15 @@ def rows_for(tp: int, summary: dict) -> list:
     v = summary["variants"]
     rec, stock = v["recovery"], v["stock"]
     rows = []
-    for name, sup in v.items():
+    for sup in v.values():
         if sup["kind"] != "superposition":
             continue
         s = sup["bag_size"]
         rows.append({
             "tp": tp, "threads": summary["threads_per_process"], "s": s,
             "ms_a": sup["ms_per_step"], "ms_b": rec["ms_per_step"], "ms_c": stock["ms_per_step"],
-            "time_a_c": sup["ms_per_step"] / stock["ms_per_step"], "time_b_c": rec["ms_per_step"] / stock["ms_per_step"],
+            "time_a_c": sup["ms_per_step"] / stock["ms_per_step"],
+            "time_b_c": rec["ms_per_step"] / stock["ms_per_step"],
             "tok_a": sup["raw_tokens_per_s"], "tok_b": rec["raw_tokens_per_s"], "tok_c": stock["raw_tokens_per_s"],
             "tokens_ratio": sup["raw_tokens_per_s"] / (s * stock["raw_tokens_per_s"]),
             "pos_a": sup["positions_per_s"], "pos_b": rec["positions_per_s"], "pos_c": stock["positions_per_s"],
@@ -104,7 +103,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the full results (per-step times, losses) to this file")
     cli = parser.parse_args(argv)
 
-    from megatron_tst.testing import bench
+    import trainer_bench as bench
+
     from megatron_tst.testing.distributed import Layout, run_distributed
 
     results, rows, checks = {}, [], {}

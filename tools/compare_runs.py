@@ -430,7 +430,8 @@ def compare_runs(baseline: RunLog, run: RunLog) -> dict:
         gap = equal_x_loss_gap(baseline.eval_curve("flops"), run.eval_curve("flops"))
         basis = "flops"
     else:
-        note(f"{run.label} vs {baseline.label}: FLOPs missing (baseline eval curve or final eval); FLOPs speedup unavailable, equal-compute gap taken at equal steps")
+        note(f"{run.label} vs {baseline.label}: FLOPs missing (baseline eval curve or final eval); FLOPs speedup "
+             "unavailable, equal-compute gap taken at equal steps")
         flops_speedup = Speedup(None, None)
         gap = equal_x_loss_gap(baseline.eval_curve("iteration"), run.eval_curve("iteration"))
         basis = "steps"

@@ -10,7 +10,7 @@ What it does (rank 0 prints; world size from torchrun's environment, else 1):
    distributed optimizer) with TE specs when transformer_engine imports (else the local spec, with a warning,
    and micro-batch 2: its unfused attention keeps [b, heads, L, L] probabilities per layer).
    --warmup 5 untimed and --steps 10 timed rounds of: a superposition step (s = 6), a recovery step, a stock
-   GPTModel step (see megatron_tst/testing/bench.py: the trainer's build and train_step, identical initial
+   GPTModel step (see tools/trainer_bench.py: the trainer's build and train_step, identical initial
    weights, interleaved rounds). Prints ms/step, raw tokens/s, positions/s, TFLOP/s/GPU and MFU.
 2. Checks: every loss and gradient norm finite (superposition included) and no skipped step; first-step
    losses near ln(vocab) (random tokens, fresh model); recovery's first-step loss equals stock's.
@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, uninstalled
 
 SCRIPT = "gpu_check"
 CP_LOSS_RTOL = 1e-2
@@ -39,12 +36,11 @@ CP_GRAD_NORM_RTOL = 5e-2
 
 def context_parallel_check(cli, overrides: dict, vocab: int, world: int) -> tuple:
     """(checks, details): one step per phase at CP=1 and at CP=cli.cp_size on the same global batch."""
+    import trainer_bench as bench
     from megatron.core import parallel_state
     from megatron.core.num_microbatches_calculator import get_num_microbatches
 
-    from megatron_tst.testing import bench
-    from megatron_tst.training import build
-    from megatron_tst.training.step import train_step
+    from megatron_tst.training.step import StepSettings, train_step
 
     cp = cli.cp_size
     mbs = overrides["micro-batch-size"]
@@ -58,11 +54,12 @@ def context_parallel_check(cli, overrides: dict, vocab: int, world: int) -> tupl
         args = bench.trainer_args(cli.recipe, ov, vocab, world)
         bench.reinitialize(args)
         _, padded = bench.vocab_sizes(args)
-        chunks, vargs = bench.build_chunks(args, bench.SUPERPOSITION, s, padded)
+        snapshots = []
+        components, vargs = bench.build_variant(args, bench.SUPERPOSITION, s, padded,
+                                                before_optimizer=lambda m: snapshots.append(bench.snapshot(m)))
+        chunks, optimizer, scheduler = components.model, components.optimizer, components.scheduler
         if initial is None:
-            initial = bench.snapshot(chunks)
-        optimizer, scheduler = build.build_optimizer_and_scheduler(vargs, chunks)
-        build.configure_schedule_hooks(vargs, chunks, optimizer)
+            initial = snapshots[0]
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
         for phase in (bench.SUPERPOSITION, bench.RECOVERY):
@@ -70,10 +67,10 @@ def context_parallel_check(cli, overrides: dict, vocab: int, world: int) -> tupl
             batches = bench.step_microbatches(vargs, kind=phase, bag_size=s, vocab_size=vocab, seed=1,
                                               dp_rank=dp_rank, dp_size=dp_size,
                                               num_microbatches=get_num_microbatches())
-            out = train_step(iter(batches), chunks, optimizer, scheduler, vargs)
-            (loss,) = out["losses"].values()
-            results[(index, phase)] = (loss, out["grad_norm"])
-        del chunks, optimizer, scheduler, batches
+            out = train_step(iter(batches), chunks, optimizer, StepSettings.from_args(vargs), scheduler)
+            (loss,) = out.losses.values()
+            results[(index, phase)] = (loss, out.grad_norm)
+        del chunks, optimizer, scheduler, batches, components
         bench.release([])
     checks = []
     for phase in (bench.SUPERPOSITION, bench.RECOVERY):
@@ -90,8 +87,9 @@ def context_parallel_check(cli, overrides: dict, vocab: int, world: int) -> tupl
 
 
 def run(cli) -> int:
+    import trainer_bench as bench
+
     from megatron_tst.model import transformer_engine_available
-    from megatron_tst.testing import bench
 
     summary, overrides, vocab, world = bench.measure_for_script(cli, SCRIPT)
     rank0 = bench.is_rank0()
@@ -127,7 +125,7 @@ def run(cli) -> int:
 
 
 def main(argv=None) -> int:
-    from megatron_tst.testing import bench
+    import trainer_bench as bench
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_gpu_arguments(parser, warmup=5, steps=10, bag_sizes=[6])

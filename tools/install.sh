@@ -28,17 +28,27 @@ python=${PYTHON:-python3}
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 extras="test,text,logging,plots,yaml"
+# The CPU build of torch 2.13.0, first: from the local wheels when pip's --find-links has it (this machine and
+# CI), else from PyTorch's CPU index (plain PyPI's Linux torch is the CUDA build, several GB); then its
+# dependencies, which the installed torch 2.13.0+cpu already satisfies as a requirement.
+has_cpu_torch() { "$venv/bin/python" -m pip list 2>/dev/null | grep -q '^torch  *2\.13\.0+cpu'; }
+if ! has_cpu_torch; then
+  "${pip[@]}" --no-deps --no-index torch==2.13.0 2>/dev/null || true
+  if ! has_cpu_torch; then
+    "${pip[@]}" --no-deps --force-reinstall --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+  fi
+fi
+"${pip[@]}" torch==2.13.0
 if [[ $mcore == 0.16.1 ]]; then
-  "${pip[@]}" torch==2.13.0
   "${pip[@]}" -c constraints.txt -e ".[$extras]"
 else
-  "${pip[@]}" torch==2.13.0 triton
+  "${pip[@]}" triton
   "${pip[@]}" --no-deps --ignore-requires-python "megatron-core==$mcore"
   "${pip[@]}" "packaging>=24.2" numpy
   # megatron-tst itself (its requirement megatron-core is met above), then its extras by name; typing_extensions
   # stands in for 3.12's typing.override in the test that runs Megatron-LM's own loader.
   "${pip[@]}" --no-deps -e .
-  "${pip[@]}" -c constraints.txt psutil pytest tokenizers sentencepiece tensorboard matplotlib pyyaml typing_extensions
+  "${pip[@]}" -c constraints.txt psutil pytest pytest-randomly ruff tokenizers sentencepiece tensorboard matplotlib pyyaml typing_extensions
 fi
 if "$venv/bin/python" -c 'import torch, sys; sys.exit(torch.version.cuda is None)'; then
   echo "warning: a CUDA build of torch is installed in $venv" >&2

@@ -55,10 +55,11 @@ Memory model (approximate; real runs add CUDA context, NCCL and allocator overhe
 - logits (last stage, one micro batch at a time): b V/t (bf16 logits) + 4 V/t (fp32 softmax kept by the
   (multi-hot) cross-entropy) bytes per position: at 128k-152k vocabularies this is often the largest term.
   With `--cross-entropy-loss-fusion --cross-entropy-fusion-impl linear` (the fused output layer and loss) no
-  logits are kept: one chunk of C positions at a time (C = megatron_tst.mce.default_chunk_size, 64 MiB of fp32
+  logits are kept: one chunk of C positions at a time (C = megatron_tst.mce.default_chunk_size, 128 MiB of fp32
   logits shard) holds C (4 + b) V/t (fp32 logits, then the gradient in the GEMM dtype) + 2 C b h (gathered rows and
-  their gradient), plus per position (9 + 12 s) (logsumexp, loss, target indices and weights of the s targets)
-  + b h / t_SP (the kept input), plus the fp32 weight-gradient accumulator 4 V/t h.
+  their gradient), plus per position (9 + 12 s) (loss, loss weights, target indices and weights of the s targets)
+  + 4 h / t_SP (the fp32 hidden gradient computed in the forward: the model's eager gradients), plus the fp32
+  weight-gradient accumulator 4 V/t h.
 - superposition input (first stage, superposition phase only, transient): the embedding rows of the s x L
   raw tokens (b s h per position) plus the fp32 bag sums (4 h).
 """
@@ -69,13 +70,10 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import sys
 from typing import Dict, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, uninstalled
-
-from megatron_tst.training.metrics import PEAK_BF16_TFLOPS  # noqa: E402
+from megatron_tst.training.metrics import PEAK_BF16_TFLOPS
 
 GIB = float(2 ** 30)
 DEFAULT_PEAK_TFLOPS = PEAK_BF16_TFLOPS["H100"]  # H100 / H200 SXM, bf16 dense
@@ -153,11 +151,11 @@ def trainer_args(recipe: Optional[str], trainer_argv: List[str], world_size: int
 
 def check_with_megatron(args) -> None:
     """Megatron-Core's own TransformerConfig checks (what the trainer builds), as a PlanError."""
-    from megatron_tst.training import arguments
+    from megatron_tst.training import configs
 
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            arguments.transformer_config_from_args(args)
+            configs.transformer_config_from_args(args)
     except (ValueError, AssertionError, TypeError) as err:
         raise PlanError(f"Megatron-Core refuses this configuration: {err}") from None
 
@@ -212,7 +210,7 @@ def loss_bytes(args, shape, padded_vocab: int, positions: float, b: int, bag: in
         return positions * ((b + 4) * vocab_local + 2 * b * shape.hidden_size / t_sp)
     chunk = default_chunk_size(int(vocab_local), int(positions))
     return (chunk * ((4 + b) * vocab_local + 2 * b * shape.hidden_size)  # one chunk's logits, gathered rows
-            + positions * ((9 + 12 * bag) + b * shape.hidden_size / t_sp)  # per-position stats, kept input
+            + positions * ((9 + 12 * bag) + 4 * shape.hidden_size / t_sp)  # per-position stats, fp32 hidden grad
             + 4 * vocab_local * shape.hidden_size)  # the float32 weight-gradient accumulator
 
 
@@ -297,7 +295,7 @@ def plan(recipe: Optional[str], trainer_argv: List[str], nodes: int = 1, gpus_pe
 
     from megatron_tst.flops import training_flops_per_step
     from megatron_tst.params import count_parameters_from_args
-    from megatron_tst.training.arguments import model_shape_from_args
+    from megatron_tst.training.configs import model_shape_from_args
     from megatron_tst.training.tokenizer import vocab_size_with_padding
 
     padded = vocab_size_with_padding(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
@@ -431,9 +429,11 @@ def format_plan(p: Dict[str, object]) -> str:
     lines.append(f"    without embeddings   {_count(p['total_params_non_embedding']):<27}"
                  f"{_count(p['active_params_non_embedding'])}")
     lines.append(f"    embeddings (input + output) {_count(p['embedding_params'])}")
-    lines.append(f"  FLOPs per step {_si(p['flops_per_step'], 'FLOP')} (both phases), total {_si(p['flops_total'], 'FLOP')}")
+    lines.append(f"  FLOPs per step {_si(p['flops_per_step'], 'FLOP')} (both phases), "
+                 f"total {_si(p['flops_total'], 'FLOP')}")
     lines.append("  phase            steps     positions/step   raw tokens/step   raw tokens")
-    lines.append(f"    superposition  {steps['superposition']:<9} {_si(p['positions_per_step'] if steps['superposition'] else 0):<16} "
+    sup_positions = _si(p['positions_per_step'] if steps['superposition'] else 0)
+    lines.append(f"    superposition  {steps['superposition']:<9} {sup_positions:<16} "
                  f"{_si(tps['superposition']):<17} {_si(tot['superposition'])}")
     lines.append(f"    recovery       {steps['recovery']:<9} {_si(p['positions_per_step']):<16} "
                  f"{_si(tps['recovery']):<17} {_si(tot['recovery'])}")

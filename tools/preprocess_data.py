@@ -38,9 +38,6 @@ from typing import Iterator, Optional, Sequence
 
 import numpy
 
-if __package__ in (None, ""):  # run as a script from a checkout without `pip install -e .`
-    sys.path.insert(1, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
-
 from megatron_tst.training.tokenizer import TOKENIZER_TYPES, TextTokenizer, build_tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")

@@ -35,8 +35,7 @@ import sys
 import time
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/, for compare_runs
-import compare_runs  # noqa: E402
+import compare_runs  # tools/ (sys.path[0] when run as a script)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED_PLOTS = ("eval_loss_vs_steps.png", "eval_loss_vs_tokens.png", "train_loss_vs_steps.png")

@@ -3,14 +3,24 @@
 # Installs a missing venv first (tools/install.sh). Arguments go to pytest (e.g. -k, -m unit, a test file).
 #   tools/test.sh                 both versions
 #   MCORE=0.19.2 tools/test.sh    one version
+#   tools/test.sh --shuffled      the unit and parallel tests once more in a random order (pytest-randomly), on
+#                                 megatron-core 0.19.2 only; prints the seed; RANDOMLY_SEED=N replays an order
 # Tests that cross versions (a checkpoint written on one version resumed on the other, Megatron-LM 0.19.2's own
 # loader reading ours) find the other venv's python through MEGATRON_TST_PYTHON_0_16 / MEGATRON_TST_PYTHON_0_19.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 versions=${MCORE:-0.16.1 0.19.2}
+shuffle=()
+if [[ ${1:-} == --shuffled ]]; then
+  shift
+  seed=${RANDOMLY_SEED:-$(( (RANDOM << 15) | RANDOM ))}
+  versions=0.19.2
+  shuffle=(-p randomly "--randomly-seed=$seed" -m "unit or parallel")
+  echo "shuffled order: --randomly-seed=$seed (replay: RANDOMLY_SEED=$seed tools/test.sh --shuffled)"
+fi
 for v in 0.16.1 0.19.2; do
   venv=$(tools/install.sh --venv-of "$v") || exit 2
-  [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import megatron.core, megatron_tst' 2>/dev/null \
+  [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import megatron.core, megatron_tst, pytest_randomly, ruff' 2>/dev/null \
     || tools/install.sh --mcore "$v" || exit 2
 done
 MEGATRON_TST_PYTHON_0_16="$PWD/$(tools/install.sh --venv-of 0.16.1)/bin/python"
@@ -19,7 +29,7 @@ export MEGATRON_TST_PYTHON_0_16 MEGATRON_TST_PYTHON_0_19
 status=0
 for v in $versions; do
   venv=$(tools/install.sh --venv-of "$v") || exit 2
-  echo "=== megatron-core $v: $venv/bin/python -m pytest -q $* ==="
-  "$venv/bin/python" -m pytest -q "$@" || status=1
+  echo "=== megatron-core $v: $venv/bin/python -m pytest -q ${shuffle[*]} $* ==="
+  "$venv/bin/python" -m pytest -q "${shuffle[@]}" "$@" || status=1
 done
 exit $status

@@ -58,13 +58,12 @@ import os
 import re
 import shutil
 
-import torch
-from packaging.version import Version
-
 import megatron.core
+import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
+from packaging.version import Version
 
 MCORE_VERSION = Version(Version(megatron.core.__version__.split("+")[0]).base_version)
 # 0.19 writes the common state inside the shards and has no common strategies.

@@ -41,7 +41,7 @@ def init_worker(rank: int, world_size: int, port: int, layout: Layout, seed: int
     cpu.enable()
     # Always gloo, even where CUDA exists: these are CPU test and benchmark helpers (global_view gathers
     # into CPU buffers, which NCCL refuses), and every rank would share one GPU anyway. GPU runs go
-    # through the trainer's `build.initialize_distributed`, which sets each rank's device for NCCL.
+    # through the trainer's `build.setup_parallel`, which sets each rank's device for NCCL.
     dist.init_process_group(
         backend="gloo",
         init_method=f"tcp://127.0.0.1:{port}",

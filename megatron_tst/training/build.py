@@ -1,10 +1,19 @@
-"""Build the run from Megatron-Core parts: process groups, seeds, model chunks, DDP, optimizer, LR schedule."""
+"""Build the run from Megatron-Core parts: the one build sequence of the trainer, the test harnesses and the
+benchmarks.
+
+    setup_parallel(args)                  torch.distributed, Megatron's parallel state, micro-batch calculator
+    build_components(args, padded_vocab)  seeds -> TransformerConfig -> model chunks (Float16Module, DDP) ->
+                                          optimizer + LR schedule -> the schedule hooks; a `Components`
+
+as Megatron-LM's `initialize_megatron` and `setup_model_and_optimizer` do (megatron/training/training.py).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
-from typing import List
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -12,19 +21,25 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 from megatron.core.num_microbatches_calculator import (
-    destroy_num_microbatches_calculator, init_num_microbatches_calculator)
+    destroy_num_microbatches_calculator,
+    init_num_microbatches_calculator,
+)
 from megatron.core.optimizer import get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from megatron_tst.model import TSTGPTModel, build_gpt_model
-from megatron_tst.parallel import Layout, free_port, initialize_parallel_state
+from megatron_tst.parallel import Layout, current_layout, free_port, initialize_parallel_state
 from megatron_tst.platform import cpu
-from megatron_tst.training import arguments
+from megatron_tst.training import configs
 
 
-def initialize_distributed(args) -> None:
-    """torch.distributed (torchrun's env:// or a 1-process world), Megatron's parallel state, seeds."""
+def setup_parallel(args) -> None:
+    """torch.distributed (torchrun's env:// or a 1-process world) unless it is up, Megatron's parallel state for
+    the args' layout, the micro-batch calculator. Idempotent: a second call re-initialises the parallel state
+    when the layout differs, and the calculator, for (possibly other) args on the same world. Sets `args.rank`.
+
+    Raises SystemExit when the world size is not the one the args were validated for."""
     on_cpu = cpu.enable()
     if not dist.is_initialized():
         if "RANK" in os.environ:
@@ -38,9 +53,39 @@ def initialize_distributed(args) -> None:
         raise SystemExit(f"the arguments were validated for {args.world_size} processes but "
                          f"{dist.get_world_size()} were started")
     args.rank = dist.get_rank()
-    initialize_parallel_state(Layout.from_args(args))
-    set_random_seed(args.seed)
+    layout = Layout.from_args(args)
+    if current_layout() != dataclasses.replace(layout, etp=layout.etp or layout.tp):
+        initialize_parallel_state(layout)  # else keep the groups (models built on them may still be in use)
     init_microbatch_calculator(args)
+
+
+@dataclasses.dataclass
+class Components:
+    """What a training run steps: the TransformerConfig (it carries the schedule hooks), this rank's model
+    chunks (DDP-wrapped, one per virtual pipeline stage), Megatron's optimizer and its LR/WD schedule."""
+
+    config: object
+    model: List[torch.nn.Module]
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+
+
+def build_components(args, padded_vocab_size: int, *, model_class: type = TSTGPTModel,
+                     before_optimizer: Optional[Callable[[List[torch.nn.Module]], None]] = None) -> Components:
+    """Seed, then build the config, the model chunks, the optimizer and LR schedule, and the schedule hooks.
+
+    `model_class=GPTModel` (with args.tst None) builds Megatron-Core's unmodified model the same way.
+    `before_optimizer(model)` runs between the model and the optimizer (e.g. to load weights: a distributed or
+    mixed-precision optimizer copies the weights it starts from). Call `setup_parallel(args)` first.
+    """
+    set_random_seed(args.seed)
+    config = configs.transformer_config_from_args(args)
+    model = build_model(args, config, configs.model_options_from_args(args, padded_vocab_size), model_class)
+    if before_optimizer is not None:
+        before_optimizer(model)
+    optimizer, scheduler = build_optimizer_and_scheduler(args, model)
+    configure_schedule_hooks(args, model, optimizer)
+    return Components(config, model, optimizer, scheduler)
 
 
 def init_microbatch_calculator(args) -> None:
@@ -84,14 +129,14 @@ def build_model(args, config, options, model_class: type = TSTGPTModel) -> List[
         if args.bf16 or args.fp16:
             chunk = Float16Module(config, chunk)
         chunks.append(chunk)
-    ddp_config = arguments.ddp_config_from_args(args)
+    ddp_config = configs.ddp_config_from_args(args)
     return [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                     disable_bucketing=(i > 0)) for i, chunk in enumerate(chunks)]
 
 
 def build_optimizer_and_scheduler(args, model):
     """Megatron's optimizer (distributed or not) and its LR/WD schedule, in samples as Megatron-LM counts."""
-    config = arguments.optimizer_config_from_args(args)
+    config = configs.optimizer_config_from_args(args)
     # Megatron-LM's weight-decay skips (biases, norms), passed explicitly: newer megatron-core stops
     # defaulting to them when no overrides are given.
     optimizer = get_megatron_optimizer(config, model, config_overrides=get_standard_config_overrides(config))

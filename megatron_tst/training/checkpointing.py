@@ -29,27 +29,26 @@ checkpoint's saved args (resume_checks.py).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import random
 import shutil
-import signal
-import time
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_tst.config import Phase
 from megatron_tst.parallel import collective_device
 from megatron_tst.platform import mcore_compat
 from megatron_tst.platform.mcore_compat import UnknownMegatronObject, read_common_state, safe_torch_load  # noqa: F401
 from megatron_tst.training import resume_checks
+from megatron_tst.training.ranks import print_rank_0
+from megatron_tst.training.run_state import TrainState
+from megatron_tst.training.schedule import SamplePlan
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
@@ -57,78 +56,6 @@ CHECKPOINT_VERSION = 3.0
 MODEL_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
               "ffn_hidden_size", "padded_vocab_size", "position_embedding_type", "normalization", "swiglu",
               "untie_embeddings_and_output_weights", "num_experts", "moe_ffn_hidden_size", "qk_layernorm")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# run state
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Progress of a run: what a checkpoint restores besides model, optimizer and schedule."""
-
-    iteration: int = 0
-    consumed_train_samples: int = 0  # baseline samples (Megatron-LM's unit of data progress)
-    consumed_tokens: int = 0  # raw tokens
-    num_floating_point_operations_so_far: float = 0.0
-    wall_time_s: float = 0.0  # training time, summed over resumes
-    # Bookkeeping, not progress: the iteration whose checkpoint in --save holds exactly this state (saved or
-    # loaded there by this process), so a second save at it is skipped. Kept in memory, never read from the
-    # tracker file, which may belong to another lineage (--ckpt-step rollback) and ranks could read differently.
-    saved_iteration: Optional[int] = dataclasses.field(default=None, compare=False)
-
-    def advance(self, samples: int, tokens: int, flops: float, seconds: float) -> None:
-        self.iteration += 1
-        self.consumed_train_samples += samples
-        self.consumed_tokens += tokens
-        self.num_floating_point_operations_so_far += flops
-        self.wall_time_s += seconds
-
-    def progress(self) -> dict:
-        return {"consumed_samples": self.consumed_train_samples, "consumed_tokens": self.consumed_tokens,
-                "flops": self.num_floating_point_operations_so_far, "wall_time_s": self.wall_time_s}
-
-
-class ExitConditions:
-    """Megatron-LM's exits: --exit-signal-handler (SIGTERM, and SLURM's SIGUSR1), --exit-duration-in-mins,
-    --exit-interval. All ranks agree (one all-reduce) before anyone stops."""
-
-    def __init__(self, args, start_time: Optional[float] = None):
-        """start_time: seconds since the epoch the --exit-duration-in-mins clock counts from (Megatron-LM: the
-        process start, the earliest over ranks, see `earliest_start_time`); default now."""
-        self.args = args
-        self.start = time.time() if start_time is None else start_time
-        self.signalled = None
-        if args.exit_signal_handler:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.signalled = signal.Signals(signum).name
-
-    def check(self, state: TrainState) -> Optional[str]:
-        args = self.args
-        reason = None
-        if args.exit_signal_handler or args.exit_duration_in_mins:  # else no collective per step
-            local = 0
-            if self.signalled:
-                local = 3
-            elif args.exit_duration_in_mins and (time.time() - self.start) / 60 > args.exit_duration_in_mins:
-                local = 2
-            flag = torch.tensor([local], dtype=torch.int32, device=collective_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            reason = {3: "exit signal", 2: f"--exit-duration-in-mins {args.exit_duration_in_mins}"}.get(int(flag))
-        if reason is None and args.exit_interval and state.iteration % args.exit_interval == 0:
-            reason = f"--exit-interval {args.exit_interval}"
-        return reason
-
-
-def earliest_start_time(local_start_time: float) -> float:
-    """The earliest of the ranks' start times (seconds since the epoch; all-reduce MIN, as Megatron-LM's
-    pretrain() reduces _TRAIN_START_TIME). Every rank calls it."""
-    value = torch.tensor([local_start_time], dtype=torch.float64, device=collective_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return float(value.item())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -174,7 +101,7 @@ def check_load_arguments(args) -> None:
     if target is None:
         if args.exit_on_missing_checkpoint:
             raise SystemExit(f"--exit-on-missing-checkpoint: no checkpoint in --load {args.load}")
-        print(f"no checkpoint found in --load {args.load}: starting from scratch", flush=True)
+        print_rank_0(f"no checkpoint found in --load {args.load}: starting from scratch")
         return
     directory, iteration, finetune = target
     if not os.path.isfile(os.path.join(directory, "metadata.json")):
@@ -262,7 +189,8 @@ def _rng_state_object() -> ShardedObject:
     }
     return ShardedObject(
         "rng_state", [state],
-        (parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()),
+        (parallel_state.get_pipeline_model_parallel_world_size(),
+         parallel_state.get_tensor_model_parallel_world_size()),
         (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
     )
@@ -287,7 +215,8 @@ def _saved_args(args, state: TrainState, padded_vocab_size: int) -> argparse.Nam
     for key, value in vars(args).items():
         if key in ("rank", "local_rank"):
             continue
-        if isinstance(value, _PLAIN) or (isinstance(value, (list, tuple)) and all(isinstance(v, _PLAIN) for v in value)):
+        if isinstance(value, _PLAIN) or (isinstance(value, (list, tuple))
+                                         and all(isinstance(v, _PLAIN) for v in value)):
             saved[key] = value
     moe = args.num_experts is not None
     saved.update(
@@ -333,15 +262,12 @@ def _state_dict(args, state, model, optimizer, scheduler, padded_vocab_size, *, 
 def _tst_state(args, state: TrainState) -> dict:
     """Ours, for people and tools inspecting a checkpoint; a load reads back consumed tokens, wall time and the
     data stream (version 2: `sample_layout`, `samples_per_window`; version 1 had no sample layouts)."""
-    from megatron_tst.training.data import SamplePlan
-
     tst = getattr(args, "tst", None)
     plan = SamplePlan.from_args(args)
-    superposition_steps = plan.superposition_steps
     return {
-        "version": 2, **plan.stream(), "bag_size": plan.bag_size, "superposition_steps": superposition_steps,
+        "version": 2, **plan.stream(), "bag_size": plan.bag_size, "superposition_steps": plan.superposition_steps,
         "weighting": tst.weighting if tst else None, "train_iters": args.train_iters,
-        "phase_of_next_step": (Phase.SUPERPOSITION if state.iteration < superposition_steps else Phase.RECOVERY).value,
+        "phase_of_next_step": plan.phase_at(state.iteration).value,
         "consumed_train_samples": state.consumed_train_samples, "consumed_tokens": state.consumed_tokens,
         "wall_time_s": state.wall_time_s, "seq_length": args.seq_length,
     }
@@ -450,7 +376,8 @@ def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
     if load_optimizer:
         _check_optimizer_format(directory, sharding, args, same_layout)
     # Describe the optimizer state as the checkpoint stores it (its sharding type, not this run's flag).
-    load_args = argparse.Namespace(**{**vars(args), "dist_ckpt_optim_fully_reshardable": sharding == "fully_reshardable"})
+    load_args = argparse.Namespace(**{**vars(args),
+                                      "dist_ckpt_optim_fully_reshardable": sharding == "fully_reshardable"})
     if load_optimizer:
         mcore_compat.prepare_torch_adam_distributed_optimizer(optimizer)
     sd = _state_dict(load_args, None, model, optimizer, scheduler, None, for_loading=True,
@@ -489,7 +416,8 @@ def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
         samples = int(getattr(ckpt_args, "consumed_train_samples", 0))
         state = TrainState(
             iteration=int(loaded.get("iteration", iteration)), consumed_train_samples=samples,
-            consumed_tokens=int(tst.get("consumed_tokens", samples * getattr(ckpt_args, "seq_length", args.seq_length))),
+            consumed_tokens=int(tst.get("consumed_tokens",
+                                        samples * getattr(ckpt_args, "seq_length", args.seq_length))),
             num_floating_point_operations_so_far=float(loaded.get("num_floating_point_operations_so_far", 0.0)),
             wall_time_s=float(tst.get("wall_time_s", 0.0)),
         )

@@ -41,62 +41,9 @@ from typing import Iterator, List, Optional
 import numpy as np
 import torch
 
-from megatron_tst.config import Phase
-from megatron_tst.superposition import make_superposition_batch
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplePlan:
-    """How many baseline samples each step consumes, phase by phase, and how they sit in the train dataset.
-
-    `sample_layout` is TSTConfig.sample_layout ("contiguous" | "segments"); it matters only with bag_size > 1.
-    """
-
-    global_batch_size: int
-    train_iters: int
-    bag_size: int = 1
-    superposition_steps: int = 0
-    sample_layout: str = "contiguous"
-
-    @classmethod
-    def from_args(cls, args) -> "SamplePlan":
-        """The plan of a parsed command line (`arguments.parse_args`): the one place the phase plan is derived."""
-        tst = getattr(args, "tst", None)
-        return cls(args.global_batch_size, args.train_iters, tst.bag_size if tst else 1,
-                   args.tst_superposition_steps if tst else 0, tst.sample_layout if tst else "contiguous")
-
-    @property
-    def samples_per_window(self) -> int:
-        """Baseline samples per sample of the train dataset: s for the contiguous layout, else 1."""
-        return self.bag_size if self.sample_layout == "contiguous" else 1
-
-    def window_length(self, seq_length: int) -> int:
-        """The sequence length (tokens, without the extra label token) of the train dataset's samples."""
-        return self.samples_per_window * seq_length
-
-    def dataset_samples(self, baseline_samples: int) -> int:
-        """Samples of the train dataset that hold `baseline_samples` baseline samples."""
-        return -(-baseline_samples // self.samples_per_window)
-
-    def stream(self) -> dict:
-        """What a checkpoint records about the stream it consumed (see `check_stream_continuation`)."""
-        return {"sample_layout": self.sample_layout if self.bag_size > 1 else None,
-                "samples_per_window": self.samples_per_window}
-
-    def phase_at(self, iteration: int) -> Phase:
-        """Phase of the step that starts after `iteration` completed steps."""
-        return Phase.SUPERPOSITION if iteration < self.superposition_steps else Phase.RECOVERY
-
-    def samples_per_step(self, phase: Phase) -> int:
-        return self.global_batch_size * (self.bag_size if phase == Phase.SUPERPOSITION else 1)
-
-    def samples_before(self, iteration: int) -> int:
-        """Baseline samples consumed by the first `iteration` steps."""
-        sup = min(iteration, self.superposition_steps)
-        return sup * self.samples_per_step(Phase.SUPERPOSITION) + (iteration - sup) * self.global_batch_size
-
-    def total_samples(self) -> int:
-        return self.samples_before(self.train_iters)
+from megatron_tst.mce import IGNORE_INDEX
+from megatron_tst.superposition import make_stock_batch, make_superposition_batch
+from megatron_tst.training.schedule import Phase, SamplePlan
 
 
 def check_stream_continuation(checkpoint_stream: Optional[dict], plan: SamplePlan, consumed_samples: int,
@@ -117,7 +64,8 @@ def check_stream_continuation(checkpoint_stream: Optional[dict], plan: SamplePla
         if n == 1:
             return ("Megatron's stock samples of --seq-length tokens (no TST, --tst-sample-layout segments, or a "
                     "checkpoint written by Megatron-LM or before megatron-tst had sample layouts)")
-        return f"contiguous windows of {n} x --seq-length tokens (--tst-sample-layout contiguous with --tst-bag-size {n})"
+        return (f"contiguous windows of {n} x --seq-length tokens (--tst-sample-layout contiguous with "
+                f"--tst-bag-size {n})")
 
     if saved_window == 1:
         forward = "add --tst-sample-layout segments to continue that stream exactly"
@@ -337,14 +285,13 @@ class _Collate:
                                              segment_length=None if self.contiguous else self.seq_length,
                                              ignore_index=self.ignore_index)
         else:
-            positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous()
-            batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": positions}
+            batch = make_stock_batch(tokens, labels, loss_mask)
         batch["sample_ids"] = sample_ids
         return batch
 
 
 def micro_batches(dataset, *, first_sample: int, num_steps: int, bag_size: int, global_batch_size: int,
-                  micro_batch_size: int, dp_rank: int, dp_size: int, seq_length: int, ignore_index: int = -100,
+                  micro_batch_size: int, dp_rank: int, dp_size: int, seq_length: int, ignore_index: int = IGNORE_INDEX,
                   num_workers: int = 0, samples_per_window: int = 1) -> Iterator[dict]:
     """This DP rank's micro-batches for `num_steps` steps starting at baseline sample `first_sample`.
 
@@ -367,6 +314,35 @@ def micro_batches(dataset, *, first_sample: int, num_steps: int, bag_size: int, 
         generator=torch.Generator().manual_seed(first_sample),
     )
     return iter(loader)
+
+
+def stage_iterators(model, dataset, *, first_sample: int, num_steps: int, bag_size: int, global_batch_size: int,
+                    micro_batch_size: int, seq_length: int, ignore_index: int = IGNORE_INDEX, num_workers: int = 0,
+                    samples_per_window: int = 1, recorder: Optional["StreamRecorder"] = None,
+                    first_iteration: int = 0, phase: Phase = Phase.RECOVERY):
+    """What Megatron's schedules take as `data_iterator`: per model chunk (virtual pipeline stage), this rank's
+    micro-batch stream (`micro_batches`, bookkeeping stripped, recorded when `recorder` is given) if the chunk
+    is a first or last pipeline stage, else None; a single iterator without virtual pipelining."""
+    from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+    from megatron.core.utils import get_attr_wrapped_model
+
+    iterators: List[Optional[Iterator[dict]]] = []
+    for chunk in model:
+        vp_stage = get_attr_wrapped_model(chunk, "vp_stage")
+        needs = (parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+                 or parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
+        if not needs or dataset is None:
+            iterators.append(None)
+            continue
+        stream = micro_batches(
+            dataset, first_sample=first_sample, num_steps=num_steps, bag_size=bag_size,
+            global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
+            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
+            seq_length=seq_length, ignore_index=ignore_index, num_workers=num_workers,
+            samples_per_window=samples_per_window)
+        iterators.append(strip_bookkeeping(stream, recorder, first_iteration, get_num_microbatches(), phase))
+    return iterators[0] if len(iterators) == 1 else iterators
 
 
 class StreamRecorder:

@@ -131,3 +131,44 @@ def format_train_line(r: dict, train_iters: int) -> str:
 
 # The MoE router losses as the metrics file names them (megatron-core's tracker names), in console order.
 MOE_LOSS_NAMES = ("load_balancing_loss", "seq_load_balancing_loss", "global_load_balancing_loss", "z_loss")
+
+
+class Interval:
+    """Sums over the steps since the last log line (`add` a `step.StepResult` per step), and the train record
+    of Megatron-LM's iteration line from them (`train_record`)."""
+
+    def __init__(self):
+        self.steps, self.seconds, self.tokens, self.grad_norm, self.skipped = 0, 0.0, 0, 0.0, 0
+        self.loss_sums = {}
+
+    def add(self, result, seconds: float, tokens: int) -> None:
+        """One step: its StepResult, wall seconds and raw tokens."""
+        self.steps += 1
+        self.seconds += seconds
+        self.tokens += tokens
+        self.grad_norm += result.grad_norm
+        self.skipped += result.skipped
+        for key, value in result.losses.items():
+            self.loss_sums[key] = self.loss_sums.get(key, 0.0) + value
+
+    def mean(self, key: str) -> float:
+        return self.loss_sums.get(key, float("nan")) / max(self.steps, 1)
+
+    def means(self) -> dict:
+        return {key: total / self.steps for key, total in self.loss_sums.items()}
+
+    def train_record(self, *, loss_name: str, flops_per_step: float, world_size: int, global_batch_size: int,
+                     seq_length: int, lr: float, peak_tflops: Optional[float]) -> dict:
+        """The train record's timing and loss fields (module docstring): per-step means over the interval;
+        `elapsed_ms` per iteration, `tflops_per_gpu` = model FLOPs per step / seconds / world size / 1e12,
+        `mfu` its fraction of `peak_tflops` (None when unknown). Other losses (MoE router losses) by name."""
+        elapsed = self.seconds / self.steps
+        tflops = flops_per_step / elapsed / world_size / 1e12
+        return {
+            "loss_name": loss_name, "loss": self.mean(loss_name), "lr": lr, "grad_norm": self.grad_norm / self.steps,
+            "global_batch_size": global_batch_size, "elapsed_ms": 1e3 * elapsed,
+            "tokens_per_s": self.tokens / self.seconds, "positions_per_s": global_batch_size * seq_length / elapsed,
+            "tflops_per_gpu": tflops, "mfu": tflops / peak_tflops if peak_tflops else None,
+            "skipped_iterations": self.skipped,
+            **{k.replace(" ", "_"): v for k, v in self.means().items() if k != loss_name},
+        }

@@ -173,9 +173,10 @@ def check_resume(args, ckpt_args, directory: str, loads_schedule: bool,
     if ckpt_args is None:
         return
     from megatron_tst.training import data
+    from megatron_tst.training.schedule import SamplePlan
 
     # First the kind of samples (stock L-samples or s*L windows): its message names the layout flag to continue.
-    data.check_stream_continuation(checkpoint_stream, data.SamplePlan.from_args(args),
+    data.check_stream_continuation(checkpoint_stream, SamplePlan.from_args(args),
                                    int(getattr(ckpt_args, "consumed_train_samples", 0) or 0),
                                    where=f"checkpoint {directory}")
     stream = stream_mismatches(args, ckpt_args)

@@ -7,6 +7,7 @@ micro-batches, all-reduced over the data-parallel (+ context-parallel) group, di
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict, Iterator, List, Optional, Union
 
@@ -18,6 +19,42 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_tst.forward_step import forward_step
 
 DataIterators = Union[Optional[Iterator[dict]], List[Optional[Iterator[dict]]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What a step needs to know of the run (Megatron-LM's flag names; `from_args` of a parsed command line).
+
+    seq_length / micro_batch_size: the schedules' p2p shapes (positions per row after superposition: L).
+    global_batch_size: samples (rows) per step, the LR schedule's increment. num_experts and the MoE fields:
+    which router losses to report. fp16: an overflow is the loss scaler's (skipped step), not an error.
+    """
+
+    seq_length: int
+    micro_batch_size: int
+    global_batch_size: int
+    check_for_nan_in_loss_and_grad: bool = True
+    fp16: bool = False
+    num_experts: Optional[int] = None
+    num_layers: int = 0
+    moe_layer_freq: object = 1
+    moe_router_load_balancing_type: str = "aux_loss"
+    moe_z_loss_coeff: Optional[float] = None
+
+    @classmethod
+    def from_args(cls, args) -> "StepSettings":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+
+
+@dataclasses.dataclass
+class StepResult:
+    """One optimizer step: {loss name: global-batch mean} (the phase's loss, "lm loss" or "mce loss", and the
+    MoE router losses; {} off the last pipeline stage), the gradient norm (after clipping's measurement, as
+    Megatron-LM logs it), and 1 if the optimizer skipped the step (fp16 overflow) else 0."""
+
+    losses: Dict[str, float]
+    grad_norm: float
+    skipped: int
 
 
 def _sum_reports(reports: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
@@ -89,7 +126,7 @@ def agree_on_non_finite(local: Dict[str, bool]) -> List[str]:
     return [kind for kind, flag in zip(_NON_FINITE_KINDS, flags.tolist()) if flag]
 
 
-def train_step(data: DataIterators, model, optimizer, scheduler, args) -> dict:
+def train_step(data: DataIterators, model, optimizer, settings: StepSettings, scheduler=None) -> StepResult:
     """Zero grads, forward/backward all micro-batches, optimizer step, LR step. Returns losses and grad norm.
 
     With args.check_for_nan_in_loss_and_grad (Megatron-LM's default) the losses (MoE balancing losses
@@ -97,32 +134,33 @@ def train_step(data: DataIterators, model, optimizer, scheduler, args) -> dict:
     NonFiniteError on all ranks and the model, optimizer and schedule stay as they were before the step.
     (Megatron-Core's own DDP check, DistributedDataParallelConfig.check_for_nan_in_grad, raises on the
     rank that sees the NaN only, before the data-parallel collective, so the other ranks would wait.)
+    `scheduler` (Megatron's OptimizerParamScheduler) advances by the global batch size; None: no LR schedule.
     """
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     reports = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=data, model=model,
-        num_microbatches=get_num_microbatches(), seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size, forward_only=False,
+        num_microbatches=get_num_microbatches(), seq_length=settings.seq_length,
+        micro_batch_size=settings.micro_batch_size, forward_only=False,
     )
     losses = _reduce_losses(reports)
-    if args.num_experts:
-        losses.update(moe_aux_losses(args))
-    if getattr(args, "check_for_nan_in_loss_and_grad", True):
+    if settings.num_experts:
+        losses.update(moe_aux_losses(settings))
+    if settings.check_for_nan_in_loss_and_grad:
         loss_bad = not all(math.isfinite(v) for v in losses.values())
         # fp16: an overflow in the scaled gradients is the loss scaler's business (it skips the step)
-        grad_bad = not args.fp16 and not _grads_are_finite(model)
+        grad_bad = not settings.fp16 and not _grads_are_finite(model)
         found = agree_on_non_finite({"loss": loss_bad, "gradient": grad_bad})
         if found:
             bad = [f"{name} ({value})" for name, value in losses.items() if not math.isfinite(value)]
             raise NonFiniteError([*(bad or (["loss"] if "loss" in found else [])),
                                   *(["gradient"] if "gradient" in found else [])])
     update_successful, grad_norm, _ = optimizer.step()
-    if update_successful:
-        scheduler.step(increment=args.global_batch_size)
-    return {"losses": losses, "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-            "skipped": 0 if update_successful else 1}
+    if update_successful and scheduler is not None:
+        scheduler.step(increment=settings.global_batch_size)
+    return StepResult(losses=losses, grad_norm=float(grad_norm) if grad_norm is not None else 0.0,
+                      skipped=0 if update_successful else 1)
 
 
 # The name under which megatron-core's router tracks each balancing loss (transformer/moe/router.py).
@@ -130,26 +168,26 @@ _AUX_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_
                    "global_aux_loss": "global_load_balancing_loss"}
 
 
-def moe_aux_losses(args) -> Dict[str, float]:
+def moe_aux_losses(settings: StepSettings) -> Dict[str, float]:
     """This step's router losses per MoE layer, averaged as Megatron-LM logs them ("load_balancing_loss" or its
     seq/global variant, "z_loss"); reads and clears megatron-core's tracker. Every rank calls it (it reduces
     across ranks)."""
     from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
     names = []
-    if args.moe_router_load_balancing_type in _AUX_LOSS_NAMES:
-        names.append(_AUX_LOSS_NAMES[args.moe_router_load_balancing_type])
-    if args.moe_z_loss_coeff is not None:  # the router tracks z_loss whenever a coefficient is set
+    if settings.moe_router_load_balancing_type in _AUX_LOSS_NAMES:
+        names.append(_AUX_LOSS_NAMES[settings.moe_router_load_balancing_type])
+    if settings.moe_z_loss_coeff is not None:  # the router tracks z_loss whenever a coefficient is set
         names.append("z_loss")
     totals: Dict[str, torch.Tensor] = {}
     track_moe_metrics(loss_scale=1.0 / get_num_microbatches(), iteration=0, total_loss_dict=totals,
-                      force_initialize=True, track_names=names, num_layers=args.num_layers,
-                      moe_layer_freq=args.moe_layer_freq)
+                      force_initialize=True, track_names=names, num_layers=settings.num_layers,
+                      moe_layer_freq=settings.moe_layer_freq)
     return {name: float(value) for name, value in totals.items()}
 
 
 @torch.no_grad()
-def evaluate(data: DataIterators, num_steps: int, model, args) -> Dict[str, float]:
+def evaluate(data: DataIterators, num_steps: int, model, settings: StepSettings) -> Dict[str, float]:
     """Mean loss over `num_steps` global batches (forward only); `data` streams all of their micro-batches."""
     for chunk in model:
         chunk.eval()
@@ -157,8 +195,8 @@ def evaluate(data: DataIterators, num_steps: int, model, args) -> Dict[str, floa
     for _ in range(num_steps):
         reports = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=data, model=model,
-            num_microbatches=get_num_microbatches(), seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size, forward_only=True,
+            num_microbatches=get_num_microbatches(), seq_length=settings.seq_length,
+            micro_batch_size=settings.micro_batch_size, forward_only=True,
         )
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             for key, pair in _sum_reports(reports).items():  # float64 across steps: many eval batches

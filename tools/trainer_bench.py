@@ -8,11 +8,11 @@ shape in bf16). Each times full training steps of three kinds of variant on the 
     stock              megatron.core.models.gpt.GPTModel (unmodified); the very same micro-batches as recovery
 
 Everything is the trainer's own code: `arguments.parse_args` (a recipe's flags with shape overrides) ->
-`transformer_config_from_args` -> `build.build_model` (layer spec, Float16Module, DDP) ->
-`build_optimizer_and_scheduler` -> `configure_schedule_hooks`, and each step is `step.train_step` (Megatron's
-`get_forward_backward_func` over all micro-batches, `finalize_model_grads`, optimizer step, LR step).
-The stock variant goes through the same `build_model` with `model_class=GPTModel`, so the model class is the
-only difference. Every variant has its own TransformerConfig (the
+`build.setup_parallel` -> `build.build_components` (config, layer spec, Float16Module, DDP, optimizer, LR
+schedule, schedule hooks), and each step is `step.train_step` (Megatron's `get_forward_backward_func` over all
+micro-batches, `finalize_model_grads`, optimizer step, LR step). The stock variant goes through the same
+`build_components` with `model_class=GPTModel`, so the model class is the only difference. Every variant has its
+own TransformerConfig (the
 schedule hooks live there), optimizer and LR schedule, and all start from the same weights (copied from the
 first variant before any optimizer exists, then checked parameter by parameter). Data is random token ids,
 generated before timing and already on the device.
@@ -70,16 +70,11 @@ def vocab_sizes(args):
 
 
 def reinitialize(args) -> None:
-    """(Re-)initialise Megatron's parallel state, seeds and micro-batch calculator for `args`, through the
-    trainer's `initialize_distributed` (which also starts torch.distributed when it is not running, and
-    replaces a parallel state already set up)."""
-    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+    """(Re-)initialise Megatron's parallel state and micro-batch calculator for `args` through the trainer's
+    `build.setup_parallel` (which also starts torch.distributed when it is not running)."""
+    from megatron_tst.training.build import setup_parallel
 
-    from megatron_tst.training.build import initialize_distributed
-
-    # Megatron-Core refuses to initialise the calculator twice; the parallel state needs no such help.
-    destroy_num_microbatches_calculator()
-    initialize_distributed(args)
+    setup_parallel(args)
 
 
 def device() -> torch.device:
@@ -123,12 +118,13 @@ def _innermost(module):
     return module
 
 
-def build_chunks(args, kind: str, bag_size: int, padded_vocab: int):
-    """(model chunks, the variant's args) of one variant, through the trainer's `build_model`."""
-    import megatron_tst.model as model_module
+def build_variant(args, kind: str, bag_size: int, padded_vocab: int, before_optimizer=None):
+    """(Components, the variant's args) of one variant, through the trainer's `build.build_components`;
+    `before_optimizer(model)` as there (e.g. copying the first variant's weights)."""
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_tst.training import arguments, build
+    import megatron_tst.model as model_module
+    from megatron_tst.training import build
 
     vargs = argparse.Namespace(**vars(args))
     if kind == SUPERPOSITION:
@@ -137,20 +133,14 @@ def build_chunks(args, kind: str, bag_size: int, padded_vocab: int):
         # Megatron-Core's GPTModel has no linear loss fusion (only its development branch does): the stock
         # variant stays the stock output layer and loss.
         vargs.cross_entropy_loss_fusion = False
-    # One config per variant: the schedule hooks live on it.
-    config = arguments.transformer_config_from_args(vargs)
-    options = arguments.model_options_from_args(vargs, padded_vocab)
-    build.set_random_seed(args.seed)
-    if kind == STOCK:
         vargs.tst = None
-        chunks = build.build_model(vargs, config, options, model_class=GPTModel)
-        if type(_innermost(chunks[0])) is not GPTModel:
-            raise RuntimeError("the stock variant did not build a plain GPTModel")
-    else:
-        chunks = build.build_model(vargs, config, options)
-        if type(_innermost(chunks[0])) is not model_module.TSTGPTModel:
-            raise RuntimeError(f"the {kind} variant did not build a TSTGPTModel")
-    return chunks, vargs
+    # One config per variant: the schedule hooks live on it.
+    components = build.build_components(vargs, padded_vocab, before_optimizer=before_optimizer,
+                                        model_class=GPTModel if kind == STOCK else model_module.TSTGPTModel)
+    expected = GPTModel if kind == STOCK else model_module.TSTGPTModel
+    if type(_innermost(components.model[0])) is not expected:
+        raise RuntimeError(f"the {kind} variant did not build a {expected.__name__}")
+    return components, vargs
 
 
 @torch.no_grad()
@@ -188,7 +178,7 @@ def step_microbatches(args, *, kind: str, bag_size: int, vocab_size: int, seed: 
     The global batch depends only on `seed`, the phase and the shape, so every rank (and every layout) sees
     the same global batch; stock and recovery batches are identical tensors.
     """
-    from megatron_tst.superposition import make_superposition_batch
+    from megatron_tst.superposition import make_stock_batch, make_superposition_batch
 
     mbs, length = args.micro_batch_size, args.seq_length
     s = bag_size if kind == SUPERPOSITION else 1
@@ -204,8 +194,7 @@ def step_microbatches(args, *, kind: str, bag_size: int, vocab_size: int, seed: 
             batch = make_superposition_batch(tokens, labels, loss_mask, s,  # rows: contiguous windows
                                              ignore_index=args.tst.ignore_index)
         else:
-            batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
-                     "position_ids": torch.arange(length).expand(mbs, length).contiguous()}
+            batch = make_stock_batch(tokens, labels, loss_mask)
         batches.append({k: v.to(device()) for k, v in batch.items()})
     return batches
 
@@ -228,9 +217,11 @@ class Variant:
     records: List[dict] = dataclasses.field(default_factory=list)
 
     def step(self) -> dict:
-        from megatron_tst.training.step import train_step
+        """One `step.train_step`; its StepResult as a dict (losses, grad_norm, skipped), also in `records`."""
+        from megatron_tst.training.step import StepSettings, train_step
 
-        out = train_step(iter(self.batches), self.model, self.optimizer, self.scheduler, self.args)
+        out = dataclasses.asdict(train_step(iter(self.batches), self.model, self.optimizer,
+                                            StepSettings.from_args(self.args), self.scheduler))
         self.records.append(out)
         return out
 
@@ -246,25 +237,24 @@ def build_variants(args, bag_sizes: Sequence[int], seed: int = 0) -> List[Varian
     from megatron.core import parallel_state
     from megatron.core.num_microbatches_calculator import get_num_microbatches
 
-    from megatron_tst.training import build
-
     vocab, padded = vocab_sizes(args)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     num_microbatches = get_num_microbatches()  # set for args.global_batch_size by `reinitialize`
     variants = []
     for name, kind, s in variant_specs(bag_sizes):
-        chunks, vargs = build_chunks(args, kind, s, padded)
-        if variants:
-            copy_weights(variants[0].model, chunks)  # before any optimizer copies the weights
+        first = variants[0].model if variants else None
+        # the first variant's weights, before this variant's optimizer copies them
+        components, vargs = build_variant(args, kind, s, padded,
+                                          before_optimizer=(lambda m, first=first: copy_weights(first, m))
+                                          if first else None)
+        chunks = components.model
         batches = step_microbatches(args, kind=kind, bag_size=s, vocab_size=vocab, seed=seed, dp_rank=dp_rank,
                                     dp_size=dp_size, num_microbatches=num_microbatches)
         positions = args.global_batch_size * args.seq_length
         variants.append(Variant(name, kind, s, vargs, chunks, batches, raw_tokens_per_step=positions * s,
-                                positions_per_step=positions))
-    for v in variants:
-        v.optimizer, v.scheduler = build.build_optimizer_and_scheduler(v.args, v.model)
-        build.configure_schedule_hooks(v.args, v.model, v.optimizer)
+                                positions_per_step=positions, optimizer=components.optimizer,
+                                scheduler=components.scheduler))
     return variants
 
 
@@ -316,11 +306,11 @@ def summarize(args, variants: List[Variant], times: Dict[str, List[float]],
 
     from megatron_tst.flops import training_flops_per_step
     from megatron_tst.model import transformer_engine_available
-    from megatron_tst.training import arguments
+    from megatron_tst.training import configs
     from megatron_tst.training.metrics import device_peak_tflops
 
     vocab, padded = vocab_sizes(args)
-    flops = training_flops_per_step(arguments.model_shape_from_args(args, padded), args.seq_length,
+    flops = training_flops_per_step(configs.model_shape_from_args(args, padded), args.seq_length,
                                     args.global_batch_size)
     peak = device_peak_tflops(peak_tflops)
     world = torch.distributed.get_world_size()
@@ -505,7 +495,8 @@ def measure_for_script(cli, script: str) -> tuple:
 
 
 def run_device_script(run, cli, script: str) -> int:
-    """Exit status of a GPU script: `require_device`'s refusal, else `run(cli)`, 3 (with the traceback) if it crashed."""
+    """Exit status of a GPU script: `require_device`'s refusal, else `run(cli)`, 3 (with the traceback) if it
+    crashed."""
     import sys
     import traceback
 
@@ -527,10 +518,10 @@ def require_device(cli, script: str) -> Optional[int]:
     if torch.cuda.is_available():
         return None
     if cli.allow_cpu:
-        if os.environ.get("RANK", "0") != "0":
-            return None
-        print(f"{script}: no CUDA device: --allow-cpu smoke run on CPU with the local layer spec and a tiny "
-              "shape (timings mean nothing)", flush=True)
+        from megatron_tst.training.ranks import print_rank_0
+
+        print_rank_0(f"{script}: no CUDA device: --allow-cpu smoke run on CPU with the local layer spec and a tiny "
+                     "shape (timings mean nothing)")
         return None
     print(f"{script}: error: no CUDA device is available (torch {torch.__version__}, "
           f"cuda {torch.version.cuda}). This script is for a GPU machine; --allow-cpu runs a tiny CPU smoke "
@@ -550,10 +541,12 @@ def _gpu_without_te() -> bool:
 
 
 def warn_without_te(script: str) -> None:
-    if _gpu_without_te() and os.environ.get("RANK", "0") == "0":
-        print(f"{script}: warning: transformer_engine does not import: using Megatron-Core's local layer spec "
-              f"(unfused attention: slower than a TE run, micro-batch {LOCAL_SPEC_GPU_MICRO_BATCH} unless "
-              "--micro-batch is given; no context-parallel check)", flush=True)
+    if _gpu_without_te():
+        from megatron_tst.training.ranks import print_rank_0
+
+        print_rank_0(f"{script}: warning: transformer_engine does not import: using Megatron-Core's local layer "
+                     f"spec (unfused attention: slower than a TE run, micro-batch {LOCAL_SPEC_GPU_MICRO_BATCH} "
+                     "unless --micro-batch is given; no context-parallel check)")
 
 
 def world_size_from_env() -> int:
@@ -578,7 +571,8 @@ def format_gpu_table(summary: dict) -> str:
 def describe(summary: dict) -> str:
     s, lay = summary["shape"], summary["layout"]
     return (f"# {summary['device']}, world {summary['world_size']} (TP {lay['tp']}, CP {lay['cp']}, DP {lay['dp']}"
-            f"{', SP' if lay['sequence_parallel'] else ''}{', dist. optimizer' if lay['distributed_optimizer'] else ''})"
+            f"{', SP' if lay['sequence_parallel'] else ''}"
+            f"{', dist. optimizer' if lay['distributed_optimizer'] else ''})"
             f", {summary['dtype']}, {'Transformer Engine' if summary['transformer_engine'] else 'local'} spec; "
             f"{s['layers']} layers, hidden {s['hidden']}, heads {s['heads']}/{s['query_groups']}, ffn {s['ffn']}, "
             f"vocab {s['vocab']} (padded {s['padded_vocab']}), seq {s['seq_length']} positions, micro-batch "
