@@ -19,7 +19,7 @@ weight [V, h] (both requiring gradients) to the gradients of both, at L x b = 40
     megatron  the same output layer then Megatron-Core's `vocab_parallel_cross_entropy` (s = 1; the cost of a
               stock step's loss, the same in every row of one V and dtype)
 
-Peak memory, CPU: every case runs in a fresh subprocess (`--one`), which creates its inputs, then resets the
+Peak memory, CPU grid: every case runs in a fresh subprocess (`--one`), which creates its inputs, then resets the
 kernel's high-water mark of its resident set (`/proc/self/clear_refs` <- 5) and reads `VmHWM - VmRSS` around the
 forward + backward: every byte torch allocates for the case (glibc returns large blocks to the kernel on free, so
 the resident set follows torch's live tensors), including the gradients of hidden and weight, nothing the inputs
@@ -145,13 +145,15 @@ def _cases(cli):
 
 
 def run_grid(cli) -> list:
-    """Every case of the grid: CPU, each in a fresh subprocess; GPU, in this process."""
+    """Every case of the grid: the CPU grid, each case in a fresh subprocess (a clean resident set to measure);
+    the --gpu preset, every case in this process (on the GPU; also its --allow-cpu smoke run, so that it runs the
+    GPU script's path, and in seconds: its CPU memory column then counts only what the process had not held yet)."""
     rows = []
     common = dict(positions=cli.positions, batch=cli.batch, hidden=cli.hidden, chunk_size=cli.chunk_size,
                   device="cuda" if cli.device == "cuda" else "cpu", reps=cli.reps, warmup=cli.warmup)
     for case in _cases(cli):
         case = {**common, **case}
-        if cli.device == "cuda":
+        if cli.gpu:
             result = run_one(case)
         else:
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(case)],
@@ -176,7 +178,7 @@ def format_table(rows: list) -> str:
         return format(row[key], fmt) if row else ""
 
     def ratio(a, b, key, fmt):
-        return format(a[key] / b[key], fmt) if a and b else ""
+        return format(a[key] / b[key], fmt) if a and b and b[key] else ""  # 0 MiB: a CPU smoke run in-process
 
     for (vocab, dtype, bag, method), fused in by.items():
         if method != "fused":
@@ -278,7 +280,7 @@ def main(argv=None) -> int:
     print(f"# {torch.cuda.get_device_name() if cli.device == 'cuda' else 'cpu'}: L x b = {cli.positions} positions "
           f"(b = {cli.batch}), h = {cli.hidden}, torch threads {torch.get_num_threads()}, chunk_size "
           f"{cli.chunk_size or 'default'}; {cli.warmup} warmup + {cli.reps} timed run(s) per case", flush=True)
-    if cli.device == "cuda":
+    if cli.gpu:
         _init_process_group()
     rows = run_grid(cli)
     print("\n" + format_table(rows) + "\n", flush=True)
