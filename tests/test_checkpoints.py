@@ -130,6 +130,23 @@ def test_finetune_loads_weights_only(megatron_single_process):
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("optimizer", ["float16", "distributed"])
+@pytest.mark.parametrize("weights_only", ["--finetune", "--no-load-optim"])
+def test_bf16_weights_only_load_steps_from_the_loaded_weights(megatron_single_process, weights_only, optimizer):
+    """bf16 keeps fp32 main weights in the optimizer: a load without the optimizer state refreshes them, so a step
+    at LR 0 leaves the loaded weights as they are (not the initialization's)."""
+    record, directory = fixture("megatron_lm_gpt_tp1")
+    argv = fixture_argv(record) + ["--bf16", "--load", directory, weights_only, "--lr", "0", "--min-lr", "0",
+                                   "--lr-warmup-iters", "0", "--override-opt_param-scheduler"]
+    trainer = Trainer(argv + (["--use-distributed-optimizer"] if optimizer == "distributed" else []))
+    trainer.load()
+    loaded = {name: p.detach().clone() for name, p in trainer.model[0].named_parameters()}
+    trainer.step(record["continuation_reference"]["micro_batch_sequences"])
+    for name, p in trainer.model[0].named_parameters():
+        assert torch.equal(p.detach(), loaded[name]), name
+
+
+@pytest.mark.e2e
 def test_pretrained_checkpoint_and_ckpt_step(megatron_single_process, tmp_path):
     record, directory = fixture("megatron_lm_gpt_tp1")
     # --load has nothing yet: start from --pretrained-checkpoint's weights, counting from 0 (Megatron-LM)

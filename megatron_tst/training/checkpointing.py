@@ -385,6 +385,10 @@ def load_checkpoint(args, model, optimizer, scheduler) -> TrainState:
     loaded = mcore_compat.load_sharded(sd, directory)
     for i, chunk in enumerate(model):
         unwrap_model(chunk).load_state_dict(loaded[_model_key(i, model)], strict=True)
+    if not load_optimizer and optimizer is not None and (args.bf16 or args.fp16):
+        # The fp32 main weights were copied from the model when the optimizer was built, before this load: refresh
+        # them, or the first step writes "initial weights + update" back (Megatron-LM's load_checkpoint does this).
+        optimizer.reload_model_params()
     if load_optimizer:
         command_line_lrs = [(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups]
         saved_schedule = common.get("opt_param_scheduler") or {}
