@@ -6,7 +6,8 @@ The phase travels with the data: a micro-batch holding `tst_targets` (see
 
     recovery / baseline: {"tokens" [b, L], "labels" [b, L], "loss_mask" [b, L], "position_ids" [b, L],
                           "attention_mask" (optional)}
-    superposition:       {"tokens" [b, s*L], "tst_targets" [b, L, s], "loss_mask" [b, L]}
+    superposition:       {"tokens" [b, s*L], "tst_targets" [b, L, s], "loss_mask" [b, L], "position_ids" [b, L]
+                          (the bags' positions; optional without context parallelism)}
 
 Middle pipeline stages need no data in either phase. The loss report carries the phase's own loss:
 "lm loss" (Megatron's name) in stock steps, "mce loss" in superposition steps.
@@ -65,7 +66,8 @@ def forward_step(data_iterator, model):
     if batch is None:  # a middle pipeline stage: hidden states in, hidden states out
         return model(None, None, None), partial(loss_func, None)
     if is_superposition_batch(batch):
-        output = model(batch.get("tokens"), None, None, labels=batch[TARGETS_KEY], tst_superposition=True)
+        output = model(batch.get("tokens"), batch.get("position_ids"), None, labels=batch[TARGETS_KEY],
+                       tst_superposition=True)
         return output, partial(loss_func, batch["loss_mask"], loss_name=MCE_LOSS)
     output = model(batch.get("tokens"), batch.get("position_ids"), batch.get("attention_mask"),
                    labels=batch.get("labels"), loss_mask=batch.get("loss_mask"))

@@ -183,7 +183,9 @@ class TSTGPTModel(GPTModel):
 
         Superposition shapes: input_ids [b, s*L] (first stage), labels = next-bag targets [b, L, s]
         (last stage, `ignore_index` where absent). Returns the per-position MCE [b, L] on the last stage
-        (hidden states [L, b, h] elsewhere). position_ids are not used: bags take positions 0..L-1.
+        (hidden states [L, b, h] elsewhere). position_ids [b, L]: the bags' positions, for learned absolute
+        position embeddings (default 0..L-1; required under context parallelism, where a rank holds two chunks
+        of the bags: `make_superposition_batch` provides them and Megatron's CP slicing cuts them).
         With the linear loss fusion, steps with labels on the last stage get their loss from the fused output
         layer (`FusedLossOutputLayer`); 0.19's `output_processor`, when given, keeps the stock output layer.
         """
@@ -204,7 +206,13 @@ class TSTGPTModel(GPTModel):
         if kwargs.get("packed_seq_params") is not None or kwargs.get("inference_context") is not None:
             raise ValueError("superposition steps support neither packed sequences nor inference")
         if self.pre_process and decoder_input is None:
-            decoder_input = superposed_embedding(self.embedding, input_ids, self.tst.bag_size)
+            if (position_ids is None and self.embedding.add_position_embedding
+                    and self.pg_collection.cp.size() > 1):
+                raise ValueError("a superposition step with learned absolute position embeddings under context "
+                                 "parallelism needs the bags' position_ids [b, L] (make_superposition_batch "
+                                 "provides them; the CP slicing cuts them with the bags)")
+            decoder_input = superposed_embedding(self.embedding, input_ids, self.tst.bag_size,
+                                                 position_ids_bl=position_ids)
         if labels is not None and (labels.dim() != 3 or labels.shape[-1] != self.tst.bag_size):
             raise ValueError(f"superposition labels must be next-bag targets [b, L, {self.tst.bag_size}], "
                              f"got shape {tuple(labels.shape)}")

@@ -245,16 +245,20 @@ def make_superposition_batch(
     row by default; `segment_length` as in `build_bag_targets`).
 
     Returns {"tokens": [b, s*L], "tst_targets": [b, L, s], "loss_mask": [b, L] float (1 where the position
-    has at least one target)}. Every tensor has the sequence on dim 1, in whole bags, so Megatron's
-    `get_batch_on_this_cp_rank` slices it for context parallelism.
+    has at least one target), "position_ids": [b, L] int64, the bags' positions 0..L-1}. Every tensor has the
+    sequence on dim 1, in whole bags, so Megatron's `get_batch_on_this_cp_rank` slices it for context
+    parallelism (the position ids then say which bags a rank holds: learned absolute position embeddings need
+    them there).
     """
     split_into_bags(tokens_bt, bag_size)
     if labels_bt.shape != tokens_bt.shape:
         raise ValueError(f"labels {tuple(labels_bt.shape)} and tokens {tuple(tokens_bt.shape)} differ in shape")
     targets_bls, valid_bls = build_bag_targets(labels_bt, loss_mask_bt, bag_size,
                                                segment_length=segment_length, ignore_index=ignore_index)
+    batch, num_positions = targets_bls.shape[:2]
     return {
         "tokens": tokens_bt,
         TARGETS_KEY: targets_bls,
         "loss_mask": valid_bls.any(dim=-1).float(),
+        "position_ids": torch.arange(num_positions, device=tokens_bt.device).unsqueeze(0).expand(batch, -1),
     }

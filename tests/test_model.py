@@ -17,6 +17,7 @@ from parallel_harness import (
     transformer_config,
     tst_config,
 )
+from reference import mce_reference, superposed_reference
 
 from megatron_tst.model import GPTModelOptions, TSTGPTModel, build_gpt_model, layer_spec
 from megatron_tst.superposition import TARGETS_KEY
@@ -73,8 +74,6 @@ def test_state_dict_keys_are_the_stock_keys(megatron_single_process, moe):
 
 def test_superposition_step_equals_manual_composition(megatron_single_process):
     """The model's superposition loss = MCE(output layer(decoder(bag means))) computed by hand, float64."""
-    from reference import mce_reference, superposed_reference
-
     torch.manual_seed(3)
     model = _ours(Case("manual"))
     batch = make_microbatches(superposition=True)[0]
@@ -89,6 +88,29 @@ def test_superposition_step_equals_manual_composition(megatron_single_process):
     torch.testing.assert_close(loss_bl.double(), expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
     # positions without targets (masked labels) contribute nothing
     assert torch.all(loss_bl[batch["loss_mask"] == 0] == 0)
+
+
+def test_superposition_step_takes_the_bags_positions_from_the_batch(megatron_single_process):
+    """Learned absolute positions: the superposition step embeds each bag at the batch's position_ids (what a CP
+    rank holds are two chunks of the bags, not positions 0..L/cp-1), through Megatron's forward_step."""
+    from megatron_tst.forward_step import forward_step
+
+    torch.manual_seed(4)
+    model = build_gpt_model(transformer_config(Case("positions")),
+                            dataclasses.replace(model_options(), position_embedding_type="learned_absolute",
+                                                max_sequence_length=2 * L), tst_config(), seq_length=L)
+    batch = make_microbatches(superposition=True)[0]
+    default = model(batch["tokens"], None, None, labels=batch[TARGETS_KEY], tst_superposition=True)
+    assert torch.equal(forward_step(iter([batch]), model)[0], default)  # position_ids 0..L-1
+    shifted = {**batch, "position_ids": batch["position_ids"] + L}
+    loss_bl = forward_step(iter([shifted]), model)[0]
+    decoder_input = superposed_reference(model.embedding.word_embeddings.weight.detach(), batch["tokens"], S)
+    decoder_input = decoder_input + model.embedding.position_embeddings.weight.detach()[L:].double().unsqueeze(1)
+    hidden = model.decoder(hidden_states=decoder_input.float(), attention_mask=None)
+    logits, _ = model.output_layer(hidden)
+    expected = mce_reference(logits.detach().double(), batch[TARGETS_KEY].transpose(0, 1), ignore_index=IGNORE)
+    torch.testing.assert_close(loss_bl.double(), expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(loss_bl, default)
 
 
 def test_phase_switch_needs_no_rebuild(megatron_single_process):
@@ -151,9 +173,8 @@ def test_context_parallel_without_te_is_refused_at_build_even_for_baselines(mega
         build_gpt_model(config, GPTModelOptions(vocab_size=V, max_sequence_length=L), None)
 
 
-# A probe field: get_batch_on_this_cp_rank slices every tensor of the batch along the sequence, so its values
-# name the positions a rank really received.
-_PROBE = "probe_positions"
+# get_batch_on_this_cp_rank slices every tensor of the batch along the sequence: the batch's own position_ids
+# (make_superposition_batch) name the bag positions a rank really received.
 CP_SIZES = (4, 2)
 
 
@@ -177,7 +198,7 @@ def cp_slicing_worker(batch, cp_sizes):
 def cp_slices():
     """One spawn of 4 ranks for both CP sizes (CP=2 there has 2 data-parallel replicas)."""
     batch = make_microbatches(True)[0]
-    batch[_PROBE] = torch.arange(L).expand(MBS, L).contiguous()
+    assert torch.equal(batch["position_ids"], torch.arange(L).expand(MBS, L))
     world = max(CP_SIZES)
     return batch, run_distributed(cp_slicing_worker, world_size=world, layout=Layout(cp=world), args=(batch, CP_SIZES))
 
@@ -193,7 +214,7 @@ def test_context_parallel_slicing_keeps_whole_bags_and_their_targets(cp_slices, 
         cp_rank, dp_rank, local = per_cp[cp]
         expected_positions = list(range(cp_rank * chunk, (cp_rank + 1) * chunk)) + list(
             range((2 * cp - 1 - cp_rank) * chunk, (2 * cp - cp_rank) * chunk))
-        got = local[_PROBE]
+        got = local["position_ids"]
         assert torch.equal(got, got[:1].expand_as(got))  # every row the same positions
         assert got[0].tolist() == expected_positions
         assert torch.equal(local["tokens"].view(MBS, -1, S), tokens_bls[:, expected_positions])
