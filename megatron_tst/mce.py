@@ -346,6 +346,20 @@ def _mm(a, b, out_dtype):
     return torch.mm(a, b).to(out_dtype)
 
 
+def _add_mm_(acc, a, b):
+    """acc += a @ b in acc's dtype (float32), in place; acc [m, k], a [m, n], b [n, k].
+
+    With operands of another dtype (bf16/fp16 on GPUs) each GEMM returns a fresh float32 result: it runs over
+    row blocks of acc, each temporary within `CHUNK_LOGITS_BYTES`, so that the weight gradient [V/tp, h] is never
+    held twice (one whole-size float32 temporary per chunk would double it at the peak)."""
+    if a.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    block = max(1, CHUNK_LOGITS_BYTES // (acc.element_size() * acc.shape[1]))
+    for start in range(0, acc.shape[0], block):
+        acc[start:start + block] += _mm(a[start:start + block], b, acc.dtype)
+    return acc
+
+
 class _FusedLinearVocabParallelMultiHotCrossEntropy(torch.autograd.Function):
     """hidden [N_local, h], weight [V/tp, h], per-position targets [N, s] -> loss [N] (see the public function).
 
@@ -404,11 +418,7 @@ class _FusedLinearVocabParallelMultiHotCrossEntropy(torch.autograd.Function):
                         grad_hidden_w[start:stop] = (_reduce_scatter_rows(partial, tp_group, tp_size) if sp
                                                      else partial)
                     if want_weight:
-                        rows_g = rows.to(gemm_dtype)
-                        if grad_logits.dtype == compute_dtype:
-                            grad_weight_w.addmm_(grad_logits.t(), rows_g)
-                        else:
-                            grad_weight_w += _mm(grad_logits.t(), rows_g, compute_dtype)
+                        _add_mm_(grad_weight_w, grad_logits.t(), rows.to(gemm_dtype))
                     del grad_logits
                 del logits
         ctx.eager = eager
@@ -455,10 +465,7 @@ class _FusedLinearVocabParallelMultiHotCrossEntropy(torch.autograd.Function):
                 partial = _mm(grad_logits, weight_g, compute_dtype).to(hidden.dtype)  # this shard's part [n, h]
                 grad_hidden[start:stop] = _reduce_scatter_rows(partial, tp_group, tp_size) if sp else partial
             if want_weight:
-                if grad_logits.dtype == compute_dtype:
-                    grad_weight.addmm_(grad_logits.t(), rows)
-                else:
-                    grad_weight += _mm(grad_logits.t(), rows, compute_dtype)
+                _add_mm_(grad_weight, grad_logits.t(), rows)
         if want_hidden and tp_size > 1 and not sp:
             # The hidden states were replicated over the group: their gradient sums every vocab shard's part,
             # as ColumnParallelLinear's backward all-reduces it (megatron/core/tensor_parallel/layers.py).

@@ -159,6 +159,29 @@ def test_bag_of_one_equals_megatron_vocab_parallel_cross_entropy(megatron_single
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("eager", [False, True], ids=["recompute", "eager"])
+def test_half_precision_gemm_operands_as_on_gpus(monkeypatch, eager):
+    """The GPU's path on this CPU: bf16 GEMM operands (`_gemm_dtype` answers as on a GPU) and a logits budget of
+    a few rows, so that the float32 weight gradient accumulates over row blocks of the vocabulary (never a second
+    whole [V/tp, h] float32 temporary); loss and both gradients still match float64."""
+    import megatron_tst.mce as mce_module
+
+    monkeypatch.setattr(mce_module, "_gemm_dtype", lambda dtype, device, compute_dtype: dtype)
+    monkeypatch.setattr(mce_module, "CHUNK_LOGITS_BYTES", 5 * H * 4)  # blocks of 5 of the V = 64 rows
+    hidden, weight, grad_out = _inputs(torch.bfloat16, seed=9)
+    loss_weights = _loss_weights(seed=9).to(torch.bfloat16) if eager else None
+    if eager:
+        grad_out = 0.37 * loss_weights.double()
+    targets = random_targets(L, B, 4, V, seed=9)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss = fused(h, w, targets, chunk_size=7, loss_weights=loss_weights)
+    (loss.double() * grad_out).sum().backward()
+    ref_loss, ref_h, ref_w = _reference(hidden, weight, targets, grad_out)
+    assert _rel(loss, ref_loss) < TOL[torch.bfloat16]
+    assert _rel(h.grad, ref_h) < TOL[torch.bfloat16] and _rel(w.grad, ref_w) < TOL[torch.bfloat16]
+
+
+@pytest.mark.unit
 def test_default_chunk_size_bounds_the_chunk_logits():
     assert default_chunk_size(131072, 4096) == 256
     assert default_chunk_size(32768, 4096) == 1024

@@ -59,7 +59,8 @@ Memory model (approximate; real runs add CUDA context, NCCL and allocator overhe
   logits shard) holds C (4 + b) V/t (fp32 logits, then the gradient in the GEMM dtype) + 2 C b h (gathered rows and
   their gradient), plus per position (9 + 12 s) (loss, loss weights, target indices and weights of the s targets)
   + 4 h / t_SP (the fp32 hidden gradient computed in the forward: the model's eager gradients), plus the fp32
-  weight-gradient accumulator 4 V/t h.
+  weight-gradient accumulator 4 V/t h and, with bf16/fp16 GEMM operands, the fp32 result of one row block of its
+  GEMM, min(4 V/t h, 128 MiB).
 - superposition input (first stage, superposition phase only, transient): the embedding rows of the s x L
   raw tokens (b s h per position) plus the fp32 bag sums (4 h).
 """
@@ -200,7 +201,7 @@ def activation_bytes_per_position(args, shape, layer_is_moe: bool) -> Dict[str, 
 
 def loss_bytes(args, shape, padded_vocab: int, positions: float, b: int, bag: int = 1) -> float:
     """Bytes the output layer + loss hold for one micro batch of `positions` (see "logits" in the docstring)."""
-    from megatron_tst.mce import default_chunk_size
+    from megatron_tst.mce import CHUNK_LOGITS_BYTES, default_chunk_size
     from megatron_tst.training.arguments import linear_loss_fusion
 
     tp = args.tensor_model_parallel_size
@@ -211,7 +212,9 @@ def loss_bytes(args, shape, padded_vocab: int, positions: float, b: int, bag: in
     chunk = default_chunk_size(int(vocab_local), int(positions))
     return (chunk * ((4 + b) * vocab_local + 2 * b * shape.hidden_size)  # one chunk's logits, gathered rows
             + positions * ((9 + 12 * bag) + 4 * shape.hidden_size / t_sp)  # per-position stats, fp32 hidden grad
-            + 4 * vocab_local * shape.hidden_size)  # the float32 weight-gradient accumulator
+            + 4 * vocab_local * shape.hidden_size  # the float32 weight-gradient accumulator
+            # with half-precision GEMM operands: the float32 result of one row block of its GEMM
+            + (min(4 * vocab_local * shape.hidden_size, CHUNK_LOGITS_BYTES) if b != 4 else 0))
 
 
 def memory_per_gpu(args, shape, padded_vocab: int, superposition: bool = True) -> Dict[str, object]:
