@@ -479,12 +479,6 @@ def _validate_layout(args) -> None:
             raise ValueError("interleaved pipelining needs --pipeline-model-parallel-size >= 2")
         if args.num_layers % (pp * args.virtual_pipeline_model_parallel_size):
             raise ValueError("--num-layers must be divisible by PP x virtual pipeline size")
-    if args.overlap_param_gather:
-        raise ValueError("--overlap-param-gather is not supported by megatron-tst yet: the superposed embedding "
-                         "reads the word-embedding weight outside the module pre-hook that waits for its all-gather, "
-                         "and checkpoints would need a forced parameter sync first, so ranks would train and save "
-                         "stale weights; remove the flag (--use-distributed-optimizer and --overlap-grad-reduce are "
-                         "supported)")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as Megatron-LM
     if args.sequence_parallel and args.seq_length % tp:
