@@ -82,6 +82,17 @@ def split_into_bags(tokens_bt: torch.Tensor, bag_size: int) -> torch.Tensor:
     return tokens_bt.view(batch, length // bag_size, bag_size)
 
 
+def _run_forward_pre_hooks(module: torch.nn.Module, args: tuple) -> None:
+    """The forward pre-hooks `module(*args)` would run, without its forward: Megatron-Core's DDP with
+    --overlap-param-gather waits there for the module's parameters' all-gather
+    (distributed_data_parallel.py, `_make_forward_pre_hook`); code that reads `module.weight` itself must too."""
+    for hook_id, hook in list(module._forward_pre_hooks.items()):
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            hook(module, args, {})
+        else:
+            hook(module, args)
+
+
 def superposed_embedding(
     embedding,
     tokens_bt: torch.Tensor,
@@ -107,6 +118,7 @@ def superposed_embedding(
     bags_bls = split_into_bags(tokens_bt, bag_size)
     batch, num_positions, _ = bags_bls.shape
     words = embedding.word_embeddings
+    _run_forward_pre_hooks(words, (tokens_bt,))  # this replaces words.forward: what must run before it runs here
     tp_group = words.tp_group
     tp_size = tp_group.size()
     check_bag_layout(num_positions, bag_size, tensor_parallel_size=tp_size,

@@ -88,6 +88,7 @@ def test_any_sequence_length_with_the_contiguous_layout(bag_size):
     (["--tensor-model-parallel-size", "4", "--sequence-parallel", "--seq-length", "66"], 4, "not divisible by TP=4"),
     (["--tensor-model-parallel-size", "2", "--num-experts", "4"], 2,
      "--num-experts with TP=2 needs --sequence-parallel"),
+    (["--overlap-param-gather"], 2, "--overlap-param-gather needs --use-distributed-optimizer"),
 ])
 def test_bad_arguments_are_clear_errors(capsys, extra, world_size, message):
     with pytest.raises(SystemExit):

@@ -114,6 +114,8 @@ def _add_parallel_args(parser):
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
     g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--ddp-bucket-size", type=int, help="parameters per DDP bucket (Megatron's default: "
+                   "max(40M, 1M x data-parallel size) with overlap)")
 
 
 def _add_training_args(parser):
@@ -479,6 +481,8 @@ def _validate_layout(args) -> None:
             raise ValueError("interleaved pipelining needs --pipeline-model-parallel-size >= 2")
         if args.num_layers % (pp * args.virtual_pipeline_model_parallel_size):
             raise ValueError("--num-layers must be divisible by PP x virtual pipeline size")
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise ValueError("--overlap-param-gather needs --use-distributed-optimizer (as in Megatron-LM)")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as Megatron-LM
     if args.sequence_parallel and args.seq_length % tp:

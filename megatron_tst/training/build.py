@@ -165,6 +165,5 @@ def configure_schedule_hooks(args, model, optimizer) -> None:
     if args.overlap_grad_reduce:
         sync = [chunk.no_sync for chunk in model]
         config.no_sync_func = sync[0] if len(sync) == 1 else sync
-    if args.overlap_param_gather:
-        params = [chunk.start_param_sync for chunk in model]
-        config.param_sync_func = params[0] if len(params) == 1 else params
+    # --overlap-param-gather: each module's forward pre-hook waits for its parameters' all-gather (no
+    # param_sync_func: Megatron-LM sets it only with --align-param-gather, which this trainer does not take).

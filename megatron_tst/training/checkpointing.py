@@ -282,6 +282,9 @@ def save_checkpoint(args, state: TrainState, model, optimizer, scheduler) -> Non
     if state.saved_iteration == state.iteration:
         return  # this exact state is in --save already (an interval save, then the final one; or just loaded)
     root = args.save
+    from megatron_tst.training.step import sync_overlapped_params
+
+    sync_overlapped_params(model)  # --overlap-param-gather: the whole model, not one step-old shards
     _refuse_non_finite_weights(args, state, model)
     final = checkpoint_dir(root, state.iteration)
     partial = final + ".tmp"

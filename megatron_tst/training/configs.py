@@ -90,7 +90,7 @@ def ddp_config_from_args(args):
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32, overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather, use_distributed_optimizer=args.use_distributed_optimizer,
-        check_for_nan_in_grad=False,
+        bucket_size=args.ddp_bucket_size, check_for_nan_in_grad=False,
     )
 
 

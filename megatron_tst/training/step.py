@@ -187,8 +187,23 @@ def moe_aux_losses(settings: StepSettings) -> Dict[str, float]:
 
 
 @torch.no_grad()
+def sync_overlapped_params(model) -> None:
+    """Gather the parameters now where --overlap-param-gather left them sharded.
+
+    With it, the distributed optimizer's step updates only this rank's shard of the parameter buffer and leaves
+    the all-gather to the next training forward's module pre-hooks; an evaluation or a save before that forward
+    would read other ranks' shards one step old. Megatron-LM forces the same sync there (training.py,
+    `force_param_sync` before a save, `disable_forward_pre_hook` around evaluation). A no-op without the flag.
+    """
+    with torch.no_grad():
+        for chunk in model:
+            if getattr(getattr(chunk, "ddp_config", None), "overlap_param_gather", False):
+                chunk.start_param_sync(force_sync=True)
+
+
 def evaluate(data: DataIterators, num_steps: int, model, settings: StepSettings) -> Dict[str, float]:
     """Mean loss over `num_steps` global batches (forward only); `data` streams all of their micro-batches."""
+    sync_overlapped_params(model)
     for chunk in model:
         chunk.eval()
     totals: Dict[str, torch.Tensor] = {}
