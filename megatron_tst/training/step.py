@@ -186,7 +186,6 @@ def moe_aux_losses(settings: StepSettings) -> Dict[str, float]:
     return {name: float(value) for name, value in totals.items()}
 
 
-@torch.no_grad()
 def sync_overlapped_params(model) -> None:
     """Gather the parameters now where --overlap-param-gather left them sharded.
 
@@ -201,6 +200,7 @@ def sync_overlapped_params(model) -> None:
                 chunk.start_param_sync(force_sync=True)
 
 
+@torch.no_grad()
 def evaluate(data: DataIterators, num_steps: int, model, settings: StepSettings) -> Dict[str, float]:
     """Mean loss over `num_steps` global batches (forward only); `data` streams all of their micro-batches."""
     sync_overlapped_params(model)
