@@ -3,17 +3,12 @@ it, step for step, through both phases, at TP=2 + sequence parallelism and at PP
 float32, mock data). Also: the flags without `linear` stay ignored, as before."""
 
 import pytest
-from trainer_cli import read_jsonl, run_trainer
+from trainer_cli import read_jsonl, run_trainer, tiny_llama_tst_args
 
 pytestmark = pytest.mark.e2e
 
-L, ITERS, SUP = 16, 6, 3
-BASE = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-query-attention --num-query-groups 2 "
-        f"--seq-length {L} --position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear "
-        "--untie-embeddings-and-output-weights --attention-dropout 0.0 --hidden-dropout 0.0 "
-        f"--micro-batch-size 2 --global-batch-size 4 --train-iters {ITERS} --lr 3e-3 --lr-warmup-iters 1 "
-        "--seed 1234 --tokenizer-type NullTokenizer --vocab-size 250 --mock-data --log-interval 1 "
-        f"--eval-interval {SUP} --eval-iters 1 --num-workers 0 --tst-bag-size 4 --tst-superposition-iters {SUP}")
+ITERS, SUP = 6, 3
+BASE = tiny_llama_tst_args(train_iters=ITERS, superposition_iters=SUP)
 LAYOUTS = {"tp2_sp": "--tensor-model-parallel-size 2 --sequence-parallel",
            "pp2": "--pipeline-model-parallel-size 2"}
 FUSION = "--cross-entropy-loss-fusion --cross-entropy-fusion-impl linear"

@@ -7,18 +7,13 @@ step-old shards of the other rank."""
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from trainer_cli import read_jsonl, run_trainer
+from trainer_cli import read_jsonl, run_trainer, tiny_llama_tst_args
 
 pytestmark = pytest.mark.e2e
 
-L, ITERS, SUP = 16, 6, 3
-BASE = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-query-attention --num-query-groups 2 "
-        f"--seq-length {L} --position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear "
-        "--untie-embeddings-and-output-weights --attention-dropout 0.0 --hidden-dropout 0.0 "
-        f"--micro-batch-size 2 --global-batch-size 8 --train-iters {ITERS} --lr 3e-3 --lr-warmup-iters 1 "
-        "--seed 1234 --tokenizer-type NullTokenizer --vocab-size 250 --mock-data --log-interval 1 "
-        f"--eval-interval {SUP} --eval-iters 1 --num-workers 0 --tst-bag-size 4 --tst-superposition-iters {SUP} "
-        "--use-distributed-optimizer --overlap-grad-reduce --ddp-bucket-size 2000 --save-interval 4")
+ITERS, SUP = 6, 3
+BASE = (tiny_llama_tst_args(train_iters=ITERS, superposition_iters=SUP, global_batch_size=8)
+        + " --use-distributed-optimizer --overlap-grad-reduce --ddp-bucket-size 2000 --save-interval 4")
 SAVES = (4, ITERS)  # 4: right after an optimizer step (no evaluation in between to gather the parameters)
 
 
