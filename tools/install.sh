@@ -31,7 +31,10 @@ extras="test,text,logging,plots,yaml"
 # The CPU build of torch 2.13.0, first: from the local wheels when pip's --find-links has it (this machine and
 # CI), else from PyTorch's CPU index (plain PyPI's Linux torch is the CUDA build, several GB); then its
 # dependencies, which the installed torch 2.13.0+cpu already satisfies as a requirement.
-has_cpu_torch() { "$venv/bin/python" -m pip list 2>/dev/null | grep -q '^torch  *2\.13\.0+cpu'; }
+# (No `pip list | grep -q` here: under pipefail grep's early exit breaks pip's pipe and the check fails at random.)
+has_cpu_torch() {
+  [[ $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null) == 2.13.0+cpu ]]
+}
 if ! has_cpu_torch; then
   "${pip[@]}" --no-deps --no-index torch==2.13.0 2>/dev/null || true
   if ! has_cpu_torch; then
