@@ -1,4 +1,4 @@
-"""megatron-tst: Token-Superposition Training as a thin plugin over Megatron-Core."""
+"""megatron-tst: Token-Superposition Training as a thin plugin over Megatron-LM's training loop."""
 
 from setuptools import find_packages, setup
 
@@ -7,16 +7,16 @@ setup(
     version="0.1.0",
     description="Token-Superposition Training (TST) for NVIDIA Megatron-Core",
     packages=find_packages(include=["megatron_tst", "megatron_tst.*"]),
-    package_data={"megatron_tst.training": ["megatron_lm_flags.json"]},
     python_requires=">=3.10",
-    # megatron-core 0.16.1 is pinned for development and CI in constraints.txt; the code stays on APIs
-    # that exist through 0.19 (NGC containers). torch is never pinned here: install the build you want first.
+    # megatron-core 0.17-0.19 (NGC containers; their wheels hold Megatron-LM's loop, `megatron.training`), or a
+    # Megatron-LM checkout on PYTHONPATH. torch is never pinned here: install the build you want first.
     install_requires=[
-        "megatron-core>=0.16.1",
+        "megatron-core>=0.17",
         "torch>=2.6",
         "numpy",
         "packaging",
         "psutil",  # megatron-core's async checkpoint writer hangs without it
+        "transformers",  # Megatron's HuggingFace and GPT-2 BPE tokenizers
     ],
     extras_require={
         "test": ["pytest", "pytest-randomly", "ruff"],  # pytest-randomly: tools/test.sh --shuffled; ruff: ruff.toml

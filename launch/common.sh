@@ -43,13 +43,14 @@
 #   2. The batch shell forwards SIGUSR1 to the srun step (srun relays it to every task). On each node the
 #      task is `torchrun`, started with SIGUSR1 *ignored* so that the agent survives it (torchrun has no
 #      SIGUSR1 handler; the default action would kill it and then its ranks). The ranks inherit the ignored
-#      disposition: the trainer must install its own SIGUSR1 (and SIGTERM) handler when given
-#      --exit-signal-handler.
-#   3. The trainer, on SIGUSR1/SIGTERM with --exit-signal-handler: all ranks agree on a stop iteration (e.g.
-#      an all-reduce of the "signal received" flag every iteration), save a checkpoint to --save (Megatron
-#      layout: <save>/latest_checkpointed_iteration.txt names the iteration), then global rank 0 writes the
-#      marker file named by the environment variable TST_EXIT_MARKER (any content; the iteration is nice),
-#      and every rank exits with status 0.
+#      disposition until Megatron-LM's signal handler takes SIGUSR1 over (--exit-signal-handler --exit-signal
+#      SIGUSR1, passed by CHECKPOINT_ARGS below).
+#   3. The trainer (Megatron-LM's loop) on that signal: after the current step all ranks agree (its handler
+#      all-gathers the "signal received" flags), save a checkpoint to --save (<save>/latest_checkpointed_
+#      iteration.txt names the iteration) and exit with status 0; before exiting, global rank 0 writes the
+#      iteration into the marker file named by the environment variable TST_EXIT_MARKER (megatron_tst.pretrain).
+#      A plain `scancel` sends SIGTERM to every process of the job: torchrun relays it to the ranks and kills them
+#      after its grace period (30 s); TST_EXIT_SIGNALS=SIGTERM makes them save on it too (the same flag).
 #   4. When the step has ended, the batch shell requeues the job (`scontrol requeue $SLURM_JOB_ID`) if and
 #      only if the marker exists, the job is still RUNNING for slurmctld (not COMPLETING: a plain `scancel`
 #      sends SIGTERM, the trainer saves, and the job ends; the same if the time limit struck during the save,
@@ -146,8 +147,10 @@ tst_build_args() {
         DATA_ARGS+=(--tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL")
     fi
 
-    # --save and --load on the same directory: a (re)started job resumes from the latest checkpoint
-    CHECKPOINT_ARGS=(--save "$CKPT_DIR" --load "$CKPT_DIR" --save-interval "$SAVE_INTERVAL" --exit-signal-handler)
+    # --save and --load on the same directory: a (re)started job resumes from the latest checkpoint; SIGUSR1 is
+    # the preemption warning (see the contract above)
+    CHECKPOINT_ARGS=(--save "$CKPT_DIR" --load "$CKPT_DIR" --save-interval "$SAVE_INTERVAL" --exit-signal-handler
+        --exit-signal SIGUSR1)
 
     LOGGING_ARGS=(--log-interval "$LOG_INTERVAL" --tensorboard-dir "$TENSORBOARD_DIR")
     _tst_opt LOGGING_ARGS --wandb-project "${WANDB_PROJECT:-}"
@@ -207,6 +210,8 @@ tst_print_config() {
 # ------------------------------------------------------------------------------------ one machine
 tst_local_run() {
     tst_env_setup
+    # no batch shell here: torchrun relays SIGTERM (Ctrl-C: SIGINT) to the ranks, so that is the exit signal
+    CHECKPOINT_ARGS=("${CHECKPOINT_ARGS[@]/#SIGUSR1/SIGTERM}")
     _tst_assemble
     tst_print_config
     tst_log "torchrun --standalone: $NPROC_PER_NODE process(es)"
@@ -244,6 +249,8 @@ tst_slurm_run() {
     export MASTER_ADDR MASTER_PORT
     export TST_EXIT_MARKER="$CKPT_DIR/.tst_exit_marker.$SLURM_JOB_ID"
     rm -f "$TST_EXIT_MARKER"
+    # a cancelled job's SIGTERM reaches the ranks through torchrun: save on it too (megatron_tst/platform)
+    export TST_EXIT_SIGNALS=SIGTERM
 
     local srun_args=(--nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1)
     if ((GPUS_PER_NODE > 0)); then srun_args+=(--gpus-per-node="$GPUS_PER_NODE"); fi

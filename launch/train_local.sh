@@ -13,9 +13,9 @@
 #       --num-query-groups 2 --ffn-hidden-size 128 --seq-length 64 --max-position-embeddings 64 \
 #       --micro-batch-size 2 --global-batch-size 4 --tst-bag-size 4 --lr-warmup-iters 1 --num-workers 0 --eval-iters 0
 #
-# --save and --load share CKPT_DIR, so re-running the same command resumes. SIGTERM/SIGINT reach the ranks
-# through torchrun (the trainer saves on SIGTERM with --exit-signal-handler, within torchrun's 30 s grace);
-# there is no requeue here.
+# --save and --load share CKPT_DIR, so re-running the same command resumes. SIGTERM reaches the ranks through
+# torchrun, and Megatron-LM saves on it (--exit-signal-handler --exit-signal SIGTERM here) after the current step,
+# within torchrun's grace period; there is no requeue here.
 set -euo pipefail
 
 LAUNCH_DIR=${LAUNCH_DIR:-$(dirname "${BASH_SOURCE[0]}")}

@@ -9,6 +9,9 @@ from megatron_tst.mce import IGNORE_INDEX, WEIGHTINGS
 
 # What a superposition row is made of: "contiguous" (the paper's) or "segments" (s baseline samples; see TSTConfig).
 SAMPLE_LAYOUTS = ("contiguous", "segments")
+# The command-line flags TSTConfig is made of (Megatron-LM's extra arguments, `megatron_tst.loop.arguments`).
+TST_FLAGS = ("--tst-bag-size", "--tst-superposition-ratio", "--tst-superposition-iters", "--tst-weighting",
+             "--tst-sample-layout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,23 +58,33 @@ class TSTConfig:
         if self.sample_layout not in SAMPLE_LAYOUTS:
             raise ValueError(f"--tst-sample-layout must be one of {SAMPLE_LAYOUTS}, got {self.sample_layout!r}")
 
-    def check_layout(self, seq_length: Optional[int], *, tensor_parallel_size: int = 1,
-                     sequence_parallel: bool = False, context_parallel_size: int = 1,
-                     pipeline_parallel_size: int = 1, untie_embeddings_and_output_weights: bool = True) -> None:
-        """Refuse (ValueError) sizes a superposition step cannot run with: bags straddling parallel slices (or,
-        with the "segments" layout, samples), and tied embeddings across pipeline stages. Plain sizes only, so
-        that `parse_args` can check before any process starts and the model build checks again with its own
-        config. With the default "contiguous" layout a row is s*L contiguous tokens, so any L works."""
+    @classmethod
+    def from_args(cls, args) -> Optional["TSTConfig"]:
+        """The TST settings of Megatron-LM's parsed `args` (the `--tst-*` flags, `loop.arguments`); None when no
+        `--tst-*` flag is given (a plain Megatron run). Raises ValueError naming the flag."""
+        given = [flag for flag in TST_FLAGS if getattr(args, flag[2:].replace("-", "_"), None) is not None]
+        if not set(given) & set(TST_FLAGS[:3]):
+            if given:
+                raise ValueError(f"{given[0]} needs --tst-bag-size and --tst-superposition-ratio (or "
+                                 "--tst-superposition-iters)")
+            return None
+        if args.tst_bag_size is None:
+            raise ValueError(f"{' '.join(given)} needs --tst-bag-size")
+        return cls(bag_size=args.tst_bag_size, superposition_ratio=args.tst_superposition_ratio,
+                   superposition_iters=args.tst_superposition_iters, weighting=args.tst_weighting or "uniform",
+                   sample_layout=args.tst_sample_layout or "contiguous")
+
+    def check_layout(self, seq_length: int, *, tensor_parallel_size: int = 1, sequence_parallel: bool = False,
+                     context_parallel_size: int = 1) -> None:
+        """Refuse (ValueError) sizes a superposition step cannot run with: bags straddling parallel slices of the
+        L positions (TST_SPEC 2) or, with the "segments" layout, samples. With the default "contiguous" layout a
+        row is s*L contiguous tokens, so any L works."""
         from megatron_tst.superposition import check_bag_layout  # megatron-core import, only when checking
 
-        if seq_length is not None:
-            if self.sample_layout == "segments" and seq_length % self.bag_size:
-                raise ValueError(
-                    f"--seq-length {seq_length} must be divisible by --tst-bag-size {self.bag_size} with "
-                    f"--tst-sample-layout segments: a superposition sample is {self.bag_size} baseline samples and "
-                    "bags must not straddle them (the default --tst-sample-layout contiguous takes any length)")
-            check_bag_layout(seq_length, self.bag_size, tensor_parallel_size=tensor_parallel_size,
-                             sequence_parallel=sequence_parallel, context_parallel_size=context_parallel_size)
-        if not untie_embeddings_and_output_weights and pipeline_parallel_size > 1:
-            raise ValueError("tied input/output embeddings across pipeline stages are not supported with TST: "
-                             "use --untie-embeddings-and-output-weights (the paper's setting) or PP=1")
+        if self.sample_layout == "segments" and seq_length % self.bag_size:
+            raise ValueError(
+                f"--seq-length {seq_length} must be divisible by --tst-bag-size {self.bag_size} with "
+                f"--tst-sample-layout segments: a superposition sample is {self.bag_size} baseline samples and "
+                "bags must not straddle them (the default --tst-sample-layout contiguous takes any length)")
+        check_bag_layout(seq_length, self.bag_size, tensor_parallel_size=tensor_parallel_size,
+                         sequence_parallel=sequence_parallel, context_parallel_size=context_parallel_size)

@@ -1,4 +1,4 @@
-"""GPT and MoE model providers with token superposition injected, thinly.
+"""Megatron-Core's GPTModel with token superposition injected, thinly (`TSTGPTModel`).
 
 The model is Megatron-Core's own `GPTModel`; `TSTGPTModel` adds no parameters or buffers, so its
 `state_dict` / `sharded_state_dict` keys are the stock keys and checkpoints stay interchangeable with
@@ -31,16 +31,10 @@ the loss protocol counts positions with at least one target.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Optional
 
 import torch
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import (
-    get_gpt_decoder_block_spec,
-    get_gpt_layer_local_spec,
-    get_gpt_layer_with_transformer_engine_spec,
-)
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer import TransformerConfig
 
@@ -51,46 +45,6 @@ from megatron_tst.mce import (
     vocab_parallel_multi_hot_cross_entropy,
 )
 from megatron_tst.superposition import superposed_embedding
-
-
-def transformer_engine_available() -> bool:
-    """True when Transformer Engine imports (then its layer specs are used)."""
-    try:
-        import transformer_engine  # noqa: F401
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA install
-        return False
-    return True
-
-
-@dataclasses.dataclass(frozen=True)
-class GPTModelOptions:
-    """The `GPTModel` constructor arguments beyond the TransformerConfig (Megatron-LM flag in brackets).
-
-    Attributes:
-        vocab_size: the padded vocabulary size (Megatron-LM's `padded_vocab_size`).
-        max_sequence_length: [--max-position-embeddings]
-        position_embedding_type: "rope" or "learned_absolute" [--position-embedding-type]
-        rotary_base: [--rotary-base]; rotary_percent: [--rotary-percent]; rope_scaling: [--use-rope-scaling]
-        untie_embeddings_and_output_weights: [--untie-embeddings-and-output-weights]
-        use_transformer_engine: layer specs from Transformer Engine; None = when it imports.
-    """
-
-    vocab_size: int
-    max_sequence_length: int
-    position_embedding_type: str = "rope"
-    rotary_base: int = 10000
-    rotary_percent: float = 1.0
-    rope_scaling: bool = False
-    untie_embeddings_and_output_weights: bool = True
-    use_transformer_engine: Optional[bool] = None
-
-    def uses_transformer_engine(self) -> bool:
-        if self.use_transformer_engine is None:
-            return transformer_engine_available()
-        if self.use_transformer_engine and not transformer_engine_available():
-            raise ValueError("Transformer Engine layer specs were requested but transformer_engine does not import")
-        return self.use_transformer_engine
 
 
 def linear_loss_fusion_enabled(config: TransformerConfig) -> bool:
@@ -257,105 +211,3 @@ class TSTGPTModel(GPTModel):
             tp_group=self.pg_collection.tp, inplace=True, validate=False,
         )
         return loss_lb.transpose(0, 1).contiguous()
-
-
-def layer_spec(config: TransformerConfig, use_transformer_engine: bool, vp_stage: Optional[int] = None):
-    """The layer (dense) or block (MoE) spec Megatron-LM's `gpt_builder` picks for this config."""
-    if config.num_moe_experts:
-        return get_gpt_decoder_block_spec(config, use_transformer_engine=use_transformer_engine,
-                                          normalization=config.normalization, vp_stage=vp_stage)
-    if use_transformer_engine:
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
-
-
-def check_context_parallel_supported(config: TransformerConfig, use_transformer_engine: bool) -> None:
-    """CP needs Transformer Engine's attention (with TST or without): refuse it at build time otherwise."""
-    if config.context_parallel_size > 1 and not use_transformer_engine:
-        raise ValueError("context parallelism needs Transformer Engine (megatron-core's local attention refuses "
-                         "it): install transformer-engine or use --context-parallel-size 1")
-
-
-def validate_tst_model(config: TransformerConfig, options: GPTModelOptions, tst: TSTConfig,
-                       seq_length: Optional[int] = None, use_transformer_engine: bool = False) -> None:
-    """Refuse, with clear errors, model settings that a superposition step cannot run correctly."""
-    tst.check_layout(seq_length, tensor_parallel_size=config.tensor_model_parallel_size,
-                     sequence_parallel=config.sequence_parallel, context_parallel_size=config.context_parallel_size,
-                     pipeline_parallel_size=config.pipeline_model_parallel_size,
-                     untie_embeddings_and_output_weights=options.untie_embeddings_and_output_weights)
-    check_context_parallel_supported(config, use_transformer_engine)
-    if options.position_embedding_type not in ("rope", "learned_absolute", "none"):
-        raise ValueError(f"position embedding {options.position_embedding_type!r} is not supported with TST "
-                         "(rope, learned_absolute or none)")
-    unsupported = {
-        "mtp_num_layers": "multi-token prediction",
-        "multi_latent_attention": "multi-latent attention",
-    }
-    for field, what in unsupported.items():
-        if getattr(config, field, None):
-            raise ValueError(f"{what} is not supported with TST yet")
-
-
-def build_gpt_model(
-    config: TransformerConfig,
-    options: GPTModelOptions,
-    tst: Optional[TSTConfig] = None,
-    pre_process: bool = True,
-    post_process: bool = True,
-    vp_stage: Optional[int] = None,
-    pg_collection=None,
-    seq_length: Optional[int] = None,
-    model_class: type = TSTGPTModel,
-) -> GPTModel:
-    """Build one model chunk, as Megatron-LM's `gpt_builder` does, with TST settings attached.
-
-    `seq_length` (the model's L in positions) lets the TST layout checks run at build time. `model_class=GPTModel`
-    builds the unmodified Megatron-Core model from the same spec (a baseline to compare against).
-    """
-    use_te = options.uses_transformer_engine()
-    if tst is not None:
-        validate_tst_model(config, options, tst, seq_length=seq_length, use_transformer_engine=use_te)
-    else:
-        check_context_parallel_supported(config, use_te)
-    extra = {"tst": tst} if issubclass(model_class, TSTGPTModel) else {}
-    if tst is not None and not extra:
-        raise ValueError(f"{model_class.__name__} cannot run superposition steps: build a TSTGPTModel for TST")
-    return model_class(
-        config=config,
-        transformer_layer_spec=layer_spec(config, use_te, vp_stage),
-        vocab_size=options.vocab_size,
-        max_sequence_length=options.max_sequence_length,
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=True,
-        share_embeddings_and_output_weights=not options.untie_embeddings_and_output_weights,
-        position_embedding_type=options.position_embedding_type,
-        rotary_percent=options.rotary_percent,
-        rotary_base=options.rotary_base,
-        rope_scaling=options.rope_scaling,
-        vp_stage=vp_stage,
-        pg_collection=pg_collection,
-        **extra,
-    )
-
-
-def model_provider(
-    pre_process: bool = True,
-    post_process: bool = True,
-    vp_stage: Optional[int] = None,
-    config: Optional[TransformerConfig] = None,
-    pg_collection=None,
-    *,
-    options: GPTModelOptions,
-    tst: Optional[TSTConfig] = None,
-    seq_length: Optional[int] = None,
-) -> TSTGPTModel:
-    """A model provider in Megatron's convention: bind `options`/`tst`/`config` with functools.partial.
-
-        provider = functools.partial(model_provider, config=config, options=options, tst=tst)
-        model = provider(pre_process=True, post_process=True, vp_stage=None)
-    """
-    if config is None:
-        raise ValueError("model_provider needs a TransformerConfig (bind it with functools.partial)")
-    return build_gpt_model(config, options, tst, pre_process=pre_process, post_process=post_process,
-                           vp_stage=vp_stage, pg_collection=pg_collection, seq_length=seq_length)

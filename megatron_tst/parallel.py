@@ -1,12 +1,11 @@
-"""The parallel layout and Megatron's process groups, shared by the trainer and the test harness."""
+"""A Megatron parallel layout and its process groups, for tests and benchmarks that set them up themselves
+(`megatron_tst.testing.distributed`); training runs get theirs from Megatron-LM's `initialize_megatron`."""
 
 from __future__ import annotations
 
 import dataclasses
 import socket
 from typing import Optional
-
-import torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +57,6 @@ def initialize_parallel_state(layout: Layout) -> None:
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
     )
-
-
-def collective_device() -> torch.device:
-    """Where small tensors for collectives live: the GPU under NCCL (which refuses CPU tensors), else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def free_port() -> int:

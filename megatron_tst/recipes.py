@@ -3,12 +3,14 @@
     python -m megatron_tst.pretrain --recipe 3b --data-path ... --tokenizer-type HuggingFaceTokenizer \\
         --tokenizer-model /models/llama3 [any flag: overrides the recipe]
     python -m megatron_tst.recipes [NAME]         # prints the flags (and a description)
-    python tools/plan.py --recipe 3b [...]        # sizes, FLOPs, memory and time of a recipe + layout
+    python tools/plan.py --recipe 3b [...]        # checks, sizes, FLOPs, memory and time of a recipe + layout
 
-A recipe is a list of trainer flags that `arguments.parse_args` puts *before* the config file and the command
-line, so anything given there wins (argparse keeps the last value of a flag). Switch flags (`--bf16`,
-`--sequence-parallel`, `--use-distributed-optimizer`, ...) cannot be switched off again from the command line:
-recipes therefore hold only switches that are part of the model or that every GPU run wants.
+A recipe is a list of Megatron-LM flags (with Megatron-LM's meanings: each is a flag of Megatron-LM's own parser
+in 0.17 and 0.19, and every recipe passes its `validate_args`, tests/test_recipes_and_plan.py) plus TST's, that
+`megatron_tst.loop.argv.expand` puts *before* the config file and the command line, so anything given there wins
+(argparse keeps the last value of a flag). Switch flags (`--bf16`, `--sequence-parallel`,
+`--use-distributed-optimizer`, ...) cannot be switched off again from the command line: recipes therefore hold only
+switches that are part of the model or that every GPU run wants.
 
 What a recipe holds: the architecture (TST_SPEC.md section 5), the paper's TST settings, optimizer and
 schedule, sequence length and batch, and a parallel layout for 8-GPU H100/H200 nodes (`LAYOUT` below).
@@ -33,7 +35,9 @@ Shared choices and why:
 - AdamW (0.9, 0.95) from the paper; weight decay 0.1, eps 1e-8, gradient clipping 1.0 are not given by the
   paper: SmolLM3's values (weight decay 0.1, clipping 1), also TorchTitan's defaults, which the paper used.
 - No dropout (Megatron's default is 0.1), init std 0.02, bf16, distributed optimizer.
-- Bias-free Llama-style blocks: RMSNorm, SwiGLU, RoPE, GQA, untied input/output embeddings.
+- Bias-free Llama-style blocks: RMSNorm, SwiGLU, RoPE, GQA (`--group-query-attention`: without it Megatron-LM
+  ignores `--num-query-groups`), untied input/output embeddings. `--max-position-embeddings` = the sequence length
+  (Megatron-LM requires it; with RoPE it only bounds the rotary table).
 - A baseline of the same recipe: `--tst-superposition-ratio 0` (zero superposition steps: plain next-token
   prediction throughout, same data and schedule).
 """
@@ -80,6 +84,10 @@ _GPU_RUN: Dict[str, Value] = {
     "bf16": True,
     "use-distributed-optimizer": True,
     "sequence-parallel": True,
+    # validation every 1,000 steps on 10 global batches (Megatron-LM 0.19 needs --eval-interval: its validation
+    # sample count divides --train-iters by it, also with --eval-iters 0)
+    "eval-interval": 1000,
+    "eval-iters": 10,
 }
 
 
@@ -139,7 +147,7 @@ def _dense(*, hidden, layers, heads, groups, ffn, rotary_base, norm_eps, lr, mic
         **_LLAMA_BLOCK,
         "rotary-base": rotary_base, "norm-epsilon": norm_eps,
         # data shape and schedule
-        "seq-length": seq_length, "global-batch-size": global_batch,
+        "seq-length": seq_length, "max-position-embeddings": seq_length, "global-batch-size": global_batch,
         "train-iters": train_iters, "lr-wsd-decay-iters": train_iters // 10,
         "lr": lr, "min-lr": lr / 10,
         **_OPTIMIZER,
@@ -152,7 +160,7 @@ def _dense(*, hidden, layers, heads, groups, ffn, rotary_base, norm_eps, lr, mic
 
 
 _LLAMA3_TOKENIZER = ("Llama 3 tokenizer, 128,256 ids (e.g. meta-llama/Meta-Llama-3-8B's tokenizer.json, "
-                     "--tokenizer-type HuggingFaceTokenizer); padded: 128,256 at TP 1/2, 128,512 at TP 4/8")
+                     "--tokenizer-type HuggingFaceTokenizer); padded alike at every TP the recipe allows")
 
 RECIPES: Dict[str, Recipe] = {}
 
@@ -243,7 +251,7 @@ _register(Recipe(
         "moe-router-load-balancing-type": "aux_loss", "moe-aux-loss-coeff": 1e-3, "moe-router-dtype": "fp32",
         "moe-token-dispatcher-type": "alltoall",
         # data shape and schedule: the paper's TST run is 49,983 steps (the baseline 125k)
-        "seq-length": 8192, "global-batch-size": 1024,
+        "seq-length": 8192, "max-position-embeddings": 8192, "global-batch-size": 1024,
         "train-iters": 49983, "lr-wsd-decay-iters": 4998,
         "lr": 3e-4, "min-lr": 3e-5,
         **_OPTIMIZER,
@@ -266,8 +274,9 @@ _register(Recipe(
            "--tst-superposition-ratio 0.",
            "On GPUs with Transformer Engine add --moe-grouped-gemm (grouped expert GEMMs, much faster; not in "
            "the recipe because the local spec needs the grouped_gemm package and a switch cannot be undone).",
-           "The Qwen3 load-balancing loss is global-batch; --moe-router-load-balancing-type global_aux_loss is "
-           "the closer match if your Megatron-Core has it.",
+           "The Qwen3 load-balancing loss is global-batch; --moe-router-load-balancing-type global_aux_loss "
+           "(Megatron-Core 0.17 and 0.19 have it) is the closer match; the recipe keeps the per-micro-batch "
+           "aux_loss, which the paper does not contradict.",
            "EP must divide 128 experts and the data-parallel ranks (world size / PP); with EP=8 the world size "
            "must be a multiple of 8."),
 ))

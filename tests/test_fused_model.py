@@ -1,13 +1,12 @@
 """The model with Megatron-LM's linear loss fusion (`--cross-entropy-loss-fusion --cross-entropy-fusion-impl
 linear`) against the same model without it (TP=1, this process): both phases, tied and untied embeddings, dense
-and MoE. The layouts (TP=2+SP, PP=2, TP=2 MoE) are in test_parallel_model.py, the trainer in
-test_fused_trainer.py."""
+and MoE. The layouts (TP=2+SP, PP=2, TP=2 MoE) through Megatron-LM's loop are in test_layouts.py."""
 
 import pytest
 import torch
-from parallel_harness import MBS, Case, L, V, make_microbatches, model_options, transformer_config, tst_config
+from model_harness import MBS, Case, L, V, build_model, make_microbatches, transformer_config, tst_config
 
-from megatron_tst.model import FusedLossOutputLayer, build_gpt_model
+from megatron_tst.model import FusedLossOutputLayer
 from megatron_tst.superposition import TARGETS_KEY
 
 pytestmark = pytest.mark.parallel
@@ -18,8 +17,7 @@ def _pair(moe, untie):
     for fused in (False, True):
         torch.manual_seed(11)
         case = Case("fused" if fused else "unfused", moe_dispatcher=moe, linear_loss_fusion=fused)
-        models.append(build_gpt_model(transformer_config(case), model_options(untie), tst_config("power"),
-                                      seq_length=L))
+        models.append(build_model(case, tst_config("power"), untie=untie))
     return models
 
 
@@ -71,16 +69,12 @@ def test_what_the_fusion_cannot_do_is_refused_at_build(megatron_single_process, 
     for field, value in changes.items():
         object.__setattr__(config, field, value)
     with pytest.raises(ValueError, match=f"cross-entropy-fusion-impl linear.*{message}"):
-        build_gpt_model(config, model_options(), None)
+        build_model(Case("refuse"), None, config=config)
 
 
 def test_gathered_logits_are_refused(megatron_single_process):
-    from megatron_tst.model import TSTGPTModel, layer_spec
-
-    config = transformer_config(Case("gather", linear_loss_fusion=True))
     with pytest.raises(ValueError, match="parallel_output=False"):
-        TSTGPTModel(config=config, transformer_layer_spec=layer_spec(config, False), vocab_size=V,
-                    max_sequence_length=L, parallel_output=False)
+        build_model(Case("gather", linear_loss_fusion=True), parallel_output=False)
 
 
 def test_logits_that_reach_the_loss_with_the_fusion_configured_get_megatrons_cross_entropy(megatron_single_process):

@@ -1,25 +1,12 @@
 """The TST model against a stock Megatron-Core GPTModel (TP=1, this process)."""
 
-import dataclasses
-
 import pytest
 import torch
 from megatron.core.models.gpt import GPTModel
-from parallel_harness import (
-    IGNORE,
-    MBS,
-    Case,
-    L,
-    S,
-    V,
-    make_microbatches,
-    model_options,
-    transformer_config,
-    tst_config,
-)
+from model_harness import IGNORE, MBS, Case, L, S, build_model, make_microbatches
 from reference import mce_reference, superposed_reference
 
-from megatron_tst.model import GPTModelOptions, TSTGPTModel, build_gpt_model, layer_spec
+from megatron_tst.model import TSTGPTModel
 from megatron_tst.superposition import TARGETS_KEY
 from megatron_tst.testing.distributed import Layout, run_distributed
 
@@ -27,15 +14,11 @@ pytestmark = pytest.mark.parallel
 
 
 def _stock(case):
-    config = transformer_config(case)
-    options = model_options()
-    return GPTModel(config=config, transformer_layer_spec=layer_spec(config, False), vocab_size=options.vocab_size,
-                    max_sequence_length=options.max_sequence_length, position_embedding_type="rope",
-                    share_embeddings_and_output_weights=False)
+    return build_model(case, model_class=GPTModel)
 
 
-def _ours(case, tst=None):
-    return build_gpt_model(transformer_config(case), model_options(), tst or tst_config(), seq_length=L)
+def _ours(case, tst="default"):
+    return build_model(case, tst)
 
 
 @pytest.mark.parametrize("moe", [None, "alltoall"])
@@ -93,12 +76,10 @@ def test_superposition_step_equals_manual_composition(megatron_single_process):
 def test_superposition_step_takes_the_bags_positions_from_the_batch(megatron_single_process):
     """Learned absolute positions: the superposition step embeds each bag at the batch's position_ids (what a CP
     rank holds are two chunks of the bags, not positions 0..L/cp-1), through Megatron's forward_step."""
-    from megatron_tst.forward_step import forward_step
+    from megatron_tst.loop.forward import forward_step
 
     torch.manual_seed(4)
-    model = build_gpt_model(transformer_config(Case("positions")),
-                            dataclasses.replace(model_options(), position_embedding_type="learned_absolute",
-                                                max_sequence_length=2 * L), tst_config(), seq_length=L)
+    model = build_model(Case("positions"), position_embedding_type="learned_absolute", max_sequence_length=2 * L)
     batch = make_microbatches(superposition=True)[0]
     default = model(batch["tokens"], None, None, labels=batch[TARGETS_KEY], tst_superposition=True)
     assert torch.equal(forward_step(iter([batch]), model)[0], default)  # position_ids 0..L-1
@@ -124,7 +105,7 @@ def test_phase_switch_needs_no_rebuild(megatron_single_process):
 
 
 def test_superposition_step_errors(megatron_single_process):
-    baseline = build_gpt_model(transformer_config(Case("b")), model_options(), None)
+    baseline = _ours(Case("b"), tst=None)
     sup = make_microbatches(True)[0]
     with pytest.raises(RuntimeError, match="built without TST settings"):
         baseline(sup["tokens"], None, None, labels=sup[TARGETS_KEY], tst_superposition=True)
@@ -133,44 +114,6 @@ def test_superposition_step_errors(megatron_single_process):
         model(sup["tokens"], None, None, labels=sup[TARGETS_KEY][..., :2], tst_superposition=True)
     with pytest.raises(ValueError, match="not divisible by the bag size"):
         model(sup["tokens"][:, :-1], None, None, labels=sup[TARGETS_KEY], tst_superposition=True)
-
-
-def test_sequence_length_divisible_by_the_bag_size_only_for_segments(megatron_single_process):
-    from megatron_tst.model import validate_tst_model
-
-    config = transformer_config(Case("v"))
-    validate_tst_model(config, model_options(), tst_config(), seq_length=L + 2)  # contiguous rows: any L
-    with pytest.raises(ValueError, match="divisible by --tst-bag-size 4 with --tst-sample-layout segments"):
-        validate_tst_model(config, model_options(), tst_config(sample_layout="segments"), seq_length=L + 2)
-
-
-@pytest.mark.parametrize(
-    "config_changes,options_changes,seq_length,message",
-    [
-        ({"tensor_model_parallel_size": 8, "sequence_parallel": True}, {}, 12, "divisible by the TP size"),
-        ({"context_parallel_size": 4}, {}, 12, "divisible by 8"),
-        ({"context_parallel_size": 2}, {}, L, "context parallelism needs Transformer Engine"),
-        ({"pipeline_model_parallel_size": 2}, {"untie_embeddings_and_output_weights": False}, L, "tied input/output"),
-        ({}, {"position_embedding_type": "yarn"}, L, "not supported with TST"),
-        ({"mtp_num_layers": 1}, {}, L, "multi-token prediction"),
-    ],
-)
-def test_build_time_validation(megatron_single_process, config_changes, options_changes, seq_length, message):
-    from megatron_tst.model import validate_tst_model
-
-    config = transformer_config(Case("v"))
-    for field, value in config_changes.items():
-        object.__setattr__(config, field, value)  # skip __post_init__: only the fields TST checks matter
-    options = dataclasses.replace(model_options(), **options_changes)
-    with pytest.raises(ValueError, match=message):
-        validate_tst_model(config, options, tst_config(), seq_length=seq_length)
-
-
-def test_context_parallel_without_te_is_refused_at_build_even_for_baselines(megatron_single_process):
-    config = transformer_config(Case("cp"))
-    object.__setattr__(config, "context_parallel_size", 2)
-    with pytest.raises(ValueError, match="context parallelism needs Transformer Engine"):
-        build_gpt_model(config, GPTModelOptions(vocab_size=V, max_sequence_length=L), None)
 
 
 # get_batch_on_this_cp_rank slices every tensor of the batch along the sequence: the batch's own position_ids
@@ -182,7 +125,7 @@ def cp_slicing_worker(batch, cp_sizes):
     """For each CP size: the trainer's own get_batch on this rank (CP group and rank from parallel_state)."""
     from megatron.core import parallel_state
 
-    from megatron_tst.forward_step import get_batch
+    from megatron_tst.loop.forward import get_batch
     from megatron_tst.testing.distributed import relayout
 
     out = {}

@@ -1,7 +1,9 @@
-"""The package's public surface and the single homes of the trainer's building blocks.
+"""The package's public surface, the single homes of TST's building blocks, and that Megatron-LM's loop does the
+training: no training loop, train step, checkpoint save/load or argument parser of our own is left.
 
-`megatron_tst.__all__` resolves and documents itself; the build sequence, the train step, the stock batch and the
-superposition step count are each defined once in the repository (tests and tools call these, never copies).
+`megatron_tst.__all__` resolves and documents itself; the model provider, the forward step, the batches, the phase
+plan and the superposition step count are each defined once in the repository (tests and tools call these, never
+copies).
 """
 
 import os
@@ -41,15 +43,26 @@ def _definitions(pattern):
 
 
 @pytest.mark.parametrize("pattern,home", [
-    (r"\s*def (build_components|setup_parallel)\(", "megatron_tst/training/build.py"),
-    (r"\s*def train_step\(", "megatron_tst/training/step.py"),
-    (r"\s*def make_stock_batch\(", "megatron_tst/superposition.py"),
-    (r"\s*def superposition_steps\(", "megatron_tst/training/schedule.py"),
-    (r"\s*class (Phase|SamplePlan)\b", "megatron_tst/training/schedule.py"),
+    (r"\s*def model_provider\(", "megatron_tst/loop/providers.py"),
+    (r"\s*def (forward_step|get_batch|loss_func)\(", "megatron_tst/loop/forward.py"),
+    (r"\s*def (make_stock_batch|make_superposition_batch)\(", "megatron_tst/superposition.py"),
+    (r"\s*def superposition_steps\(", "megatron_tst/stream.py"),
+    (r"\s*class (Phase|SamplePlan|TSTTrainDataset)\b", "megatron_tst/stream.py"),
 ])
 def test_one_definition_each(pattern, home):
     found = _definitions(pattern)
     assert found and set(found) == {home}, found
+
+
+@pytest.mark.parametrize("pattern", [
+    r"\s*def (train_step|train|evaluate|save_checkpoint|load_checkpoint|training_log)\(",
+    r".*ArgumentParser\(.*description=.Megatron",
+    r"\s*class \w*(Trainer|TrainState|MetricsWriter)\b",
+])
+def test_megatron_lm_runs_the_loop_not_us(pattern):
+    """Megatron-LM's `pretrain` trains, evaluates, saves, loads, parses and logs: nothing in the package does it
+    again (the bends in megatron_tst/platform wrap Megatron-LM's functions, they define none of these)."""
+    assert [path for path in _definitions(pattern) if path.startswith("megatron_tst/")] == []
 
 
 def test_ruff_check_is_clean():

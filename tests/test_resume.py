@@ -1,77 +1,174 @@
-"""Resume anywhere, bitwise: kill -9 (also in the middle of a save) and SIGTERM, then restart from --load.
+"""Resume anywhere, bitwise, through Megatron-LM's loop: `kill -9` (at a random point, and in the middle of a save),
+SIGTERM with --exit-signal-handler (the SLURM launch scripts' requeue contract: $TST_EXIT_MARKER), then the same
+command again.
 
-2 processes (DP=2), dropout on (the RNG streams must come back too). The per-iteration losses of the
-interrupted-and-resumed run equal those of an uninterrupted run exactly, with resumes inside the
-superposition phase, at the switch and in recovery.
+The run: TST (bags of 4, 5 superposition steps of 12), dropout 0.1 (so the RNG streams must come back too: the
+model-parallel tracker's states and, on CPU, the default generator that is also the data loaders'), DP=2 with the
+distributed optimizer, on real text (`--data-path`), a checkpoint every 2 steps. The interrupted runs are real
+trainer processes (`torchrun --nproc-per-node 2 -m megatron_tst.pretrain`, the same command line every time, --save
+and --load on one directory); the uninterrupted reference runs once, in process (the same `megatron_tst.pretrain.main`
+in 2 spawned gloo processes), and is shared with test_cross_version.py.
+
+Compared: every --metrics-jsonl train record of every interrupted run, bitwise, with the reference's. (A process's
+first iteration line ends no log interval, in Megatron-LM 0.17 and 0.19 alike: the first record after a resume at
+iteration s is iteration s + 2's, whose loss is the mean of s + 1's and s + 2's.) And the final checkpoints hold the
+same tensors, bitwise.
 """
 
-import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import time
+import uuid
 
 import pytest
-from text_corpus import VOCAB_SIZE, build_byte_corpus
-from trainer_cli import trainer_command, trainer_env
+from cli import read_jsonl, run_in_workers, tiny_args, trainer_command, trainer_env
+from text_corpus import build_byte_corpus
+
+from megatron_tst.platform.mcore_compat import MCORE_VERSION
 
 pytestmark = pytest.mark.e2e
 
-TRAIN_ITERS, SUP_ITERS = 12, 4
-FLAGS = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64 --position-embedding-type rope "
-         "--normalization RMSNorm --swiglu --disable-bias-linear --untie-embeddings-and-output-weights "
-         "--hidden-dropout 0.1 --attention-dropout 0.1 --micro-batch-size 2 --global-batch-size 8 "
-         f"--train-iters {TRAIN_ITERS} --lr 3e-3 --lr-warmup-iters 2 --lr-decay-style cosine "
-         f"--tokenizer-type NullTokenizer --vocab-size {VOCAB_SIZE} --split 98,2,0 --log-interval 1 "
-         f"--eval-iters 0 --num-workers 0 --tst-bag-size 4 --tst-superposition-iters {SUP_ITERS} "
-         "--save-interval 2 --exit-signal-handler").split()
+TRAIN_ITERS, SUPERPOSITION_ITERS, SAVE_INTERVAL = 12, 5, 2
+TRACKER = "latest_checkpointed_iteration.txt"
 
 
-def _command(corpus, workdir, name):
-    return trainer_command(FLAGS + ["--data-path", corpus, "--data-cache-path", str(workdir / "cache"),
-                                    "--save", str(workdir / "ckpt"), "--load", str(workdir / "ckpt"),
-                                    "--metrics-jsonl", str(workdir / f"{name}.jsonl")], nproc=2)
+def corpus_vocab_flag(mcore_minor: int) -> str:
+    """--vocab-size of the byte corpus (ids 0..255, end of document 256: 257 ids) for NullTokenizer on a
+    megatron-core release: 257 on >= 0.18, 256 on 0.17 (whose NullTokenizer adds the end-of-document id)."""
+    return "257" if mcore_minor >= 18 else "256"
 
 
-def _losses(*paths):
-    """{iteration: loss} over the runs' metric files in order (a later run's record wins)."""
-    losses = {}
-    for path in paths:
-        if os.path.exists(path):
-            for line in open(path):
-                record = json.loads(line)
-                if record.get("kind") == "train":
-                    losses[record["iteration"]] = record["loss"]
-    return losses
+def resume_flags(corpus: str, mcore_minor: int = MCORE_VERSION.minor):
+    """The command line of every run here (and of test_cross_version.py), without --save/--load/--metrics-jsonl."""
+    argv = tiny_args(train_iters=TRAIN_ITERS, superposition_iters=SUPERPOSITION_ITERS)
+    for flag, value in (("--attention-dropout", "0.1"), ("--hidden-dropout", "0.1"),
+                        ("--vocab-size", corpus_vocab_flag(mcore_minor))):
+        argv[argv.index(flag) + 1] = value
+    argv.remove("--mock-data")
+    return argv + ["--data-path", corpus, "--split", "98,2,0", "--use-distributed-optimizer", "--exit-signal-handler",
+                   "--save-interval", str(SAVE_INTERVAL)]
 
 
-def _last_iteration(path):
-    return max(_losses(path), default=0)
+_SHARED = {}  # session fixtures imported by other modules get a definition there too: one value per process
 
 
-def _start(corpus, workdir, name):
-    return subprocess.Popen(_command(corpus, workdir, name), env=trainer_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def _shared(name, make):
+    if name not in _SHARED:
+        _SHARED[name] = make()
+    return _SHARED[name]
 
 
-def _wait_until(condition, proc, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.01)
-    raise AssertionError("timed out")
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    return _shared("corpus", lambda: build_byte_corpus(str(tmp_path_factory.mktemp("corpus"))))
+
+
+def _reference_worker(argv):
+    from megatron_tst.testing.megatron_lm import run_pretrain
+
+    return run_pretrain(argv)
+
+
+@pytest.fixture(scope="session")
+def reference(corpus, tmp_path_factory):
+    """The uninterrupted run (in process, 2 ranks): its directory (checkpoints in ckpt/, metrics in run.jsonl)."""
+    return _shared("reference", lambda: _reference_run(corpus, tmp_path_factory.mktemp("reference")))
+
+
+def _reference_run(corpus, directory):
+    argv = resume_flags(corpus) + ["--save", str(directory / "ckpt"), "--metrics-jsonl", str(directory / "run.jsonl")]
+    assert run_in_workers(_reference_worker, 2, args=(argv,)) == [0, 0]
+    records = read_jsonl(directory / "run.jsonl", "train")
+    assert [r["iteration"] for r in records] == list(range(2, TRAIN_ITERS + 1))
+    return directory
+
+
+def records_of(path):
+    """{iteration: (loss, grad norm)} of a metrics file's train records."""
+    return {r["iteration"]: (r["loss"], r["grad_norm"]) for r in read_jsonl(path, "train")} if os.path.exists(
+        path) else {}
+
+
+def expected_records(reference_records, start, superposition_iters=SUPERPOSITION_ITERS):
+    """The train records a process that resumed at iteration `start` writes, from the reference's: its first line
+    (start + 1) ends no interval, so record start + 2 holds the mean loss of start + 1 and start + 2, unless
+    start + 1 is the last superposition step (a log interval never mixes phases: that line is a record)."""
+    expected = dict(reference_records)
+    if start >= 2 and start + 1 != superposition_iters and start + 2 in reference_records:  # (record 2: 1 and 2)
+        (a, _), (b, grad_norm) = reference_records[start + 1], reference_records[start + 2]
+        expected[start + 2] = ((a + b) / 2, grad_norm)
+    return expected
+
+
+# ----------------------------------------------------------------------------------------------- processes
+
+
+class Trainer:
+    """One `torchrun` of the trainer with the shared command line; its output in <workdir>/<name>.log."""
+
+    def __init__(self, argv, workdir, name, **env):
+        self.log_path = workdir / f"{name}.log"
+        self.tag = uuid.uuid4().hex  # every process of this launch carries it in its environment
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(trainer_command(argv, nproc=2), stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=trainer_env(TST_TEST_LAUNCH=self.tag, **env), start_new_session=True)
+
+    def output(self):
+        self.log.flush()
+        return open(self.log_path).read()
+
+    def last_iteration(self):
+        """The last iteration line the trainer printed."""
+        lines = [line for line in self.output().splitlines() if " iteration " in line and "/" in line]
+        numbers = [int(line.split(" iteration ")[1].split("/")[0]) for line in lines
+                   if line.split(" iteration ")[1].split("/")[0].strip().isdigit()]
+        return max(numbers, default=0)
+
+    def wait_until(self, condition, timeout=300, poll=0.005):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if condition():
+                return True
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(poll)
+        raise AssertionError(f"timed out; output:\n{self.output()[-3000:]}")
+
+    def workers(self):
+        """torchrun's worker processes (the ranks)."""
+        return _children(self.proc.pid)
+
+    def kill_9(self):
+        """SIGKILL torchrun and every process under it, at once (the workers run in sessions of their own)."""
+        for pid in [self.proc.pid] + _descendants(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
+    def finish(self, timeout=300):
+        self.proc.wait(timeout=timeout)
+        self.log.close()
+        return self.proc.returncode, open(self.log_path).read()
+
+    def survivors(self, timeout=10.0):
+        """Processes of this launch still alive `timeout` s after it ended (e.g. a checkpoint writer)."""
+        deadline = time.time() + timeout
+        while True:
+            alive = _processes_with(f"TST_TEST_LAUNCH={self.tag}")
+            if not alive or time.time() > deadline:
+                return alive
+            time.sleep(0.1)
 
 
 def _children(pid):
     try:
         return [int(c) for t in os.listdir(f"/proc/{pid}/task")
                 for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return []
 
 
@@ -80,97 +177,171 @@ def _descendants(pid):
     return children + [d for c in children for d in _descendants(c)]
 
 
-def _kill_9(proc):
-    """SIGKILL torchrun and every process under it (its workers run in sessions of their own)."""
-    for pid in [proc.pid] + _descendants(proc.pid):
+def _processes_with(marker):
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in environ and state != "Z":
+            found.append(int(entry))
+    return found
 
 
-def _kill_9_inside_the_save_of(iteration, corpus, workdir, name, attempts=3):
-    """Start a run and kill -9 it while `iter_{iteration}.tmp` exists. The kill follows the first sight of the
-    directory within milliseconds, but a loaded machine can still let the save finish first: such a kill proves
-    nothing, so the run is started again from scratch (at most `attempts` times) instead of failing the test."""
-    partial = workdir / "ckpt" / f"iter_{iteration:07d}.tmp"
-    for _ in range(attempts):
-        shutil.rmtree(workdir / "ckpt", ignore_errors=True)
-        (workdir / f"{name}.jsonl").unlink(missing_ok=True)
-        proc = _start(corpus, workdir, name)
-        assert _wait_until(partial.exists, proc), _finish(proc)[1][-3000:]
-        _kill_9(proc)
-        if partial.exists():
-            return
-    raise AssertionError(f"in {attempts} runs no kill landed while {partial.name} was being written")
+def _tracked(ckpt):
+    path = ckpt / TRACKER
+    return int(open(path).read()) if path.exists() else 0
 
 
-def _finish(proc, timeout=300):
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
+# ------------------------------------------------------------------------------------------------- the test
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_byte_corpus(str(tmp_path_factory.mktemp("corpus")))
-
-
-@pytest.fixture(scope="module")
-def straight(corpus, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("straight")
-    code, out = _finish(_start(corpus, workdir, "run"))
-    assert code == 0, out[-3000:]
-    assert out.count("no checkpoint found in --load") == 1, out[-3000:]  # rank 0 says it, before torch.distributed
-    losses = _losses(workdir / "run.jsonl")
-    assert sorted(losses) == list(range(1, TRAIN_ITERS + 1))
-    return losses
-
-
-def test_kill_9_during_a_save_and_at_a_random_point_then_resume_bitwise(corpus, straight, tmp_path):
-    # The kill point is random on purpose (other points each run); the failure notes carry its seed, and
-    # TST_RESUME_KILL_SEED=N picks the same point again (the timing of the kill itself stays the machine's).
+def interrupted(corpus, reference, tmp_path_factory):
+    """The same command four times on one --save/--load directory:
+    a. kill -9 at a random point of the superposition phase;
+    b. resumes inside the superposition phase; kill -9 while its first checkpoint is being written;
+    c. resumes from the same checkpoint, crosses the phase switch; SIGTERM to its ranks in recovery: saves, exits 0,
+       rank 0 writes $TST_EXIT_MARKER;
+    d. resumes in recovery and runs to the end;
+    e. the same command once more (a requeued job whose run had ended): nothing to train, exits 0.
+    The kill point is random on purpose (each run tries another); TST_RESUME_KILL_SEED=N replays a seed."""
+    workdir = tmp_path_factory.mktemp("interrupted")
+    ckpt = workdir / "ckpt"
     seed = int(os.environ.get("TST_RESUME_KILL_SEED") or time.time_ns() % 2**32)
     rng = random.Random(seed)
-    seed_note = f"(kill point seed {seed}: rerun with TST_RESUME_KILL_SEED={seed})"
-    ckpt = tmp_path / "ckpt"
+    marker = workdir / "exit_marker"
+    out = {"seed": seed, "runs": [], "marker": marker}
 
-    # 1. kill -9 while the iteration-4 checkpoint is being written (superposition phase ends at 4)
-    _kill_9_inside_the_save_of(4, corpus, tmp_path, "a")
-    tracker = open(ckpt / "latest_checkpointed_iteration.txt").read().strip()
-    assert tracker == "2", f"the half-written save must not be tracked (tracker {tracker})"
+    def command(name):
+        return resume_flags(corpus) + ["--save", str(ckpt), "--load", str(ckpt),
+                                       "--metrics-jsonl", str(workdir / f"{name}.jsonl")]
 
-    # 2. restart: resumes at 2, inside the superposition phase; kill -9 at a random point after the switch
-    proc = _start(corpus, tmp_path, "b")
-    kill_after = rng.randint(SUP_ITERS + 1, TRAIN_ITERS - 2)
-    assert _wait_until(lambda: _last_iteration(tmp_path / "b.jsonl") >= kill_after, proc), \
-        f"{seed_note}\n{_finish(proc)[1][-3000:]}"
-    time.sleep(rng.uniform(0.0, 0.2))
-    _kill_9(proc)
-    resumed_from = int(open(ckpt / "latest_checkpointed_iteration.txt").read())
-    assert resumed_from >= SUP_ITERS, seed_note
+    def launch(name):
+        out["runs"].append((name, _tracked(ckpt)))
+        return Trainer(command(name), workdir, name, TST_EXIT_MARKER=str(marker))
 
-    # 3. restart: resumes at the switch or in recovery, runs to the end
-    code, out = _finish(_start(corpus, tmp_path, "c"))
-    assert code == 0, f"{seed_note}\n{out[-3000:]}"
-    assert f"iter_{resumed_from:07d} (iteration {resumed_from}" in out, \
-        (seed_note, [line for line in out.splitlines() if "load" in line])
-    resumed = _losses(tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl")
-    assert resumed == straight, seed_note  # every iteration, bitwise
+    # a. kill -9 at a random iteration of the superposition phase (after a random part of it), once a checkpoint
+    #    (iteration 2) is complete
+    kill_at = rng.randint(3, SUPERPOSITION_ITERS - 1)
+    a = launch("a")
+    assert a.wait_until(lambda: a.last_iteration() >= kill_at and _tracked(ckpt) >= 2), a.output()[-3000:]
+    time.sleep(rng.uniform(0.0, 0.1))
+    a.kill_9()
+    out["a"] = {"kill_at": kill_at, "survivors": a.survivors(), "tracked": _tracked(ckpt)}
 
+    # b. kill -9 in the middle of the first save after the resume: once Megatron-LM announces it (the first save of
+    #    a process takes seconds here: it starts the checkpoint writer)
+    start = _tracked(ckpt)
+    b = launch("b")
+    assert b.wait_until(lambda: "saving checkpoint at iteration" in b.output(), poll=0.002), b.output()[-3000:]
+    b.kill_9()
+    output = b.output()
+    saving = int(output.split("saving checkpoint at iteration")[1].split()[0])
+    out["b"] = {"start": start, "saving": saving, "tracked": _tracked(ckpt), "survivors": b.survivors(),
+                "completed": f"successfully saved checkpoint from iteration {saving:8d}" in output,
+                "partial": (ckpt / f"iter_{saving:07d}").exists()}
 
-def test_sigterm_saves_exits_0_and_resumes_bitwise(corpus, straight, tmp_path):
-    proc = _start(corpus, tmp_path, "a")
-    assert _wait_until(lambda: _last_iteration(tmp_path / "a.jsonl") >= 3, proc), _finish(proc)[1][-3000:]
-    workers = _children(proc.pid)  # torchrun's workers
-    assert len(workers) == 2
-    for pid in workers:  # as SLURM or an operator signals the training processes
+    # c. SIGTERM to the ranks once past the phase switch
+    c = launch("c")
+    assert c.wait_until(lambda: c.last_iteration() >= SUPERPOSITION_ITERS + 1), c.output()[-3000:]
+    workers = c.workers()
+    for pid in workers:  # as SLURM (or an operator) signals the training processes
         os.kill(pid, signal.SIGTERM)
-    code, out = _finish(proc)
-    assert code == 0, out[-3000:]
-    assert "training stopped (exit signal)" in out
-    saved = int(open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read())
-    assert saved == _last_iteration(tmp_path / "a.jsonl") >= 3  # a checkpoint at the current iteration
-    code, out = _finish(_start(corpus, tmp_path, "b"))
-    assert code == 0, out[-3000:]
-    assert _losses(tmp_path / "a.jsonl", tmp_path / "b.jsonl") == straight
+    code, output = c.finish()
+    out["c"] = {"code": code, "output": output, "workers": len(workers), "tracked": _tracked(ckpt),
+                "marker": open(marker).read() if marker.exists() else None,
+                "last_iteration": max(records_of(workdir / "c.jsonl"), default=0)}
+
+    # d. to the end
+    marker.unlink(missing_ok=True)
+    d = launch("d")
+    code, output = d.finish()
+    out["d"] = {"code": code, "output": output, "marker": marker.exists()}
+
+    # e. once more, at the end
+    e = launch("e")
+    code, output = e.finish()
+    out["e"] = {"code": code, "output": output, "tracked": _tracked(ckpt), "records": records_of(workdir / "e.jsonl")}
+    out["workdir"] = workdir
+    return out
+
+
+def _note(interrupted):
+    return f"(kill point seed {interrupted['seed']}: rerun with TST_RESUME_KILL_SEED={interrupted['seed']})"
+
+
+def test_kill_9_leaves_no_process_and_the_last_complete_checkpoint(interrupted):
+    note = _note(interrupted)
+    a, b = interrupted["a"], interrupted["b"]
+    assert a["survivors"] == [] and b["survivors"] == [], note  # no rank, launcher or checkpoint writer survives
+    assert 2 <= a["tracked"] <= a["kill_at"] and a["tracked"] % SAVE_INTERVAL == 0, (a, note)
+    # b was killed while iter_<saving> was being written: the tracker still names the previous checkpoint
+    assert b["saving"] == b["start"] + SAVE_INTERVAL and not b["completed"], (b, note)
+    assert b["tracked"] == b["start"] and b["partial"], (b, note)
+    assert b["start"] < SUPERPOSITION_ITERS, note  # b resumed inside the superposition phase
+
+
+def test_sigterm_with_exit_signal_handler_saves_exits_0_and_writes_the_exit_marker(interrupted):
+    c = interrupted["c"]
+    assert c["workers"] == 2
+    assert c["code"] == 0, c["output"][-3000:]
+    assert "exiting program after receiving SIGTERM" in c["output"]
+    # the checkpoint of the iteration it stopped at, past the phase switch; rank 0 wrote the marker (once, after it)
+    assert c["tracked"] == c["last_iteration"] > SUPERPOSITION_ITERS, c["output"][-3000:]
+    assert c["marker"] is not None and c["marker"].split()[-1] == str(c["tracked"]), c["marker"]
+    assert interrupted["d"]["marker"] is False  # a run that ends normally writes none
+
+
+def test_the_same_command_after_the_end_exits_0_without_training(interrupted):
+    """Megatron-LM's sampler asserts consumed < dataset length: TST's train dataset reaches one sample past the run,
+    as Megatron's stock GPTDataset (whole epochs) does, so a finished run launched again only loads and ends."""
+    e = interrupted["e"]
+    assert e["code"] == 0, e["output"][-3000:]
+    assert e["tracked"] == TRAIN_ITERS and e["records"] == {}, e["output"][-3000:]
+
+
+def test_every_resumed_iteration_equals_the_uninterrupted_run_bitwise(interrupted, reference):
+    note = _note(interrupted)
+    d = interrupted["d"]
+    assert d["code"] == 0, d["output"][-3000:]
+    reference_records = records_of(reference / "run.jsonl")
+    compared = set()
+    for name, start in interrupted["runs"]:
+        ours = records_of(interrupted["workdir"] / f"{name}.jsonl")
+        expected = expected_records(reference_records, start)
+        for iteration, values in ours.items():
+            assert values == expected[iteration], (name, start, iteration, values, expected[iteration], note)
+            compared |= {start + 1, iteration} if iteration == start + 2 and start + 1 not in ours else {iteration}
+    # the runs' records together cover every iteration (a record may be a process's first two)
+    assert compared == set(range(1, TRAIN_ITERS + 1)), (sorted(compared), interrupted["runs"], note)
+    starts = [start for _, start in interrupted["runs"]]
+    assert any(0 < s < SUPERPOSITION_ITERS for s in starts) and any(s > SUPERPOSITION_ITERS for s in starts), starts
+
+
+def test_the_final_checkpoints_are_identical(interrupted, reference):
+    ours = checkpoint_tensors(interrupted["workdir"] / "ckpt" / f"iter_{TRAIN_ITERS:07d}")
+    theirs = checkpoint_tensors(reference / "ckpt" / f"iter_{TRAIN_ITERS:07d}")
+    assert sorted(ours) == sorted(theirs) and any(k.startswith("decoder.") for k in ours)
+    different = [key for key in ours if not ours[key].equal(theirs[key])]
+    assert not different, (different, _note(interrupted))
+
+
+def checkpoint_tensors(directory):
+    """Every tensor of a torch_dist checkpoint (global shapes), read without a process group."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(directory))
+    metadata = reader.read_metadata()
+    tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for key, meta in metadata.state_dict_metadata.items() if isinstance(meta, TensorStorageMetadata)}
+    dcp.load(tensors, storage_reader=reader, no_dist=True)
+    return tensors

@@ -1,38 +1,39 @@
-"""Superposition rows as the paper forms them, and the data-stream invariant, on a corpus whose token ids show
-contiguity: every document is a run of consecutive token ids (document d = a_d, a_d + 1, ..., then EOD), and no
-id other than EOD occurs twice in the corpus.
+"""The sample stream (`megatron_tst.stream`): superposition rows as the paper forms them, phases by sample index, and
+the data-stream invariant, on a corpus whose token ids show contiguity: every document is a run of consecutive token
+ids (document d = a_d, a_d + 1, ..., then EOD), and no id other than EOD occurs twice in the corpus.
 
 * Every superposition row the trainer trains on (recorded by --record-data-stream) is one contiguous run of the
   document stream, broken only at EOD tokens, where one document ends and another begins.
-* A whole TST run (superposition, switch, recovery; DP=2; stopped and resumed inside the superposition phase
-  and exactly at the switch) trains on no token id twice, and the tokens it trains on, in baseline-sample
-  order, are exactly a prefix of the block stream: the windows of s*L tokens of Megatron-Core's own GPTDataset
-  (built here, independently of the trainer, with stock Megatron-Core calls), in Megatron's shuffled order.
+* A whole TST run through Megatron-LM's loop (superposition, switch, recovery; DP=2; stopped by --exit-interval and
+  resumed inside the superposition phase and exactly at the switch) trains on no token id twice, and the tokens it
+  trains on, in baseline-sample order, are exactly a prefix of the window stream: Megatron-Core's own GPTDataset of
+  s*L-token windows (built here independently of the trainer, with stock Megatron-Core calls), in its shuffled order.
 * The baseline of the comparison (--tst-superposition-ratio 0, same bag size) reads the same stream.
 * --seq-length 64 with --tst-bag-size 6 (64 % 6 != 0) is accepted and trains.
-* A checkpoint whose stream this run cannot continue exactly (a Megatron-LM checkpoint under the contiguous
-  layout, or a contiguous-layout checkpoint under another bag size) is refused with the way forward named.
+* A checkpoint whose stream this run cannot continue exactly is refused with the way forward named.
 """
 
 import json
 import os
+from argparse import Namespace
 
 import numpy as np
 import pytest
-from trainer_cli import run_trainer
+import torch
+from cli import run_in_workers, run_trainer, worker_tracebacks
 
-V = 8192  # NullTokenizer --vocab-size 8192: ids 0..8190, EOD = 8191
-EOD = V - 1
+V = 8192  # NullTokenizer --vocab-size 8192 (ids < 8000 used; EOD below)
+EOD = 8191
 L, S, G = 64, 6, 4  # positions, bag size (64 % 6 != 0), global batch
 SUP_ITERS, TRAIN_ITERS = 3, 7
 SEED = 1234
 
-FLAGS = (f"--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length {L} --position-embedding-type rope "
-         "--normalization RMSNorm --swiglu --disable-bias-linear --untie-embeddings-and-output-weights "
-         "--attention-dropout 0.0 --hidden-dropout 0.0 --micro-batch-size 1 "
+FLAGS = (f"--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length {L} --max-position-embeddings {L} "
+         "--position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear "
+         "--untie-embeddings-and-output-weights --attention-dropout 0.0 --hidden-dropout 0.0 --micro-batch-size 1 "
          f"--global-batch-size {G} --train-iters {TRAIN_ITERS} --lr 1e-3 --lr-warmup-iters 1 --lr-decay-style cosine "
          f"--seed {SEED} --tokenizer-type NullTokenizer --vocab-size {V} --split 100,0,0 --eval-iters 0 "
-         f"--log-interval 1 --num-workers 0 --tst-bag-size {S}").split()
+         f"--eval-interval 1000 --log-interval 1 --num-workers 0 --tst-bag-size {S}").split()
 
 
 # ---------------------------------------------------------------------------------------------- the corpus
@@ -59,15 +60,20 @@ def build_run_corpus(directory):
     return prefix, firsts, lasts
 
 
+class _Tokenizer:
+    """What GPTDataset asks of a tokenizer: the end-of-document and pad ids, and an identifier for its cache."""
+
+    eod, pad, vocab_size = EOD, -1, V
+    unique_identifiers = {"class": "RunsOfIds", "vocab_size": V}
+
+
 def reference_dataset(prefix, sequence_length, num_samples, cache):
     """Megatron-Core's GPTDataset of the train split, built with stock calls (as Megatron-LM builds it)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    from megatron_tst.training.tokenizer import build_tokenizer
-
     config = GPTDatasetConfig(random_seed=SEED, sequence_length=sequence_length, blend=([prefix], None),
-                              split="100,0,0", path_to_cache=cache, tokenizer=build_tokenizer("NullTokenizer", None, V),
+                              split="100,0,0", path_to_cache=cache, tokenizer=_Tokenizer(),
                               reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
                               create_attention_mask=False)
     train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None], lambda: True, config).build()
@@ -97,7 +103,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def block_stream(corpus, tmp_path_factory):
-    """The token ids of the block stream: Megatron's windows of S*L tokens in its (shuffled) order, concatenated."""
+    """The token ids of the window stream: Megatron's windows of S*L tokens in its (shuffled) order, concatenated."""
     windows = reference_dataset(corpus[0], S * L, 16, str(tmp_path_factory.mktemp("ref_cache")))
     return np.concatenate([windows[j]["tokens"].numpy() for j in range(len(windows))])
 
@@ -113,28 +119,29 @@ def _records(stream_dir):
     return out
 
 
+def stream_worker(prefix, tst_dir, base_dir):
+    """The TST run in three pieces (stopped at iteration 2, inside the superposition phase, and at 3, exactly at the
+    switch; each time saved and resumed), and the baseline of the comparison, both recording their streams."""
+    from megatron_tst.testing.megatron_lm import run_pretrain
+
+    common = FLAGS + ["--data-path", prefix, "--data-cache-path", f"{tst_dir}/cache", "--save", f"{tst_dir}/ckpt",
+                      "--load", f"{tst_dir}/ckpt", "--save-interval", "1000",
+                      "--record-data-stream", f"{tst_dir}/stream", "--tst-superposition-iters", str(SUP_ITERS)]
+    stops = (["--exit-interval", "2"], ["--exit-interval", str(SUP_ITERS)], [])
+    codes = [run_pretrain(common + stop) for stop in stops]
+    codes.append(run_pretrain(FLAGS + ["--data-path", prefix, "--data-cache-path", f"{base_dir}/cache",
+                                       "--record-data-stream", f"{base_dir}/stream",
+                                       "--tst-superposition-ratio", "0"]))
+    return codes
+
+
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory):
-    """The TST run in three pieces (stopped at iteration 2, inside the superposition phase, and at 3, exactly at
-    the switch, each time saved and resumed) and the baseline of the comparison, both recording their streams."""
-    prefix = corpus[0]
-    out = {}
-    tst_dir = tmp_path_factory.mktemp("tst")
-    common = FLAGS + ["--data-path", prefix, "--data-cache-path", str(tst_dir / "cache"),
-                      "--save", str(tst_dir / "ckpt"), "--load", str(tst_dir / "ckpt"),
-                      "--record-data-stream", str(tst_dir / "stream")]
-    logs = []
-    for stop in (["--exit-interval", "2"], ["--exit-interval", str(SUP_ITERS)], []):
-        result = run_trainer(common + ["--tst-superposition-iters", str(SUP_ITERS)] + stop)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-        logs.append(result.stdout)
-    out["tst"] = {"dir": tst_dir, "logs": logs, "records": _records(tst_dir / "stream")}
-    base_dir = tmp_path_factory.mktemp("baseline")
-    result = run_trainer(FLAGS + ["--data-path", prefix, "--data-cache-path", str(base_dir / "cache"),
-                               "--record-data-stream", str(base_dir / "stream"), "--tst-superposition-ratio", "0"])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    out["baseline"] = {"dir": base_dir, "records": _records(base_dir / "stream")}
-    return out
+    tst_dir, base_dir = tmp_path_factory.mktemp("tst"), tmp_path_factory.mktemp("baseline")
+    codes = run_in_workers(stream_worker, 2, args=(corpus[0], str(tst_dir), str(base_dir)))[0]
+    assert codes == [0, 0, 0, 0]
+    return {"tst": {"dir": tst_dir, "records": _records(tst_dir / "stream")},
+            "baseline": {"dir": base_dir, "records": _records(base_dir / "stream")}}
 
 
 def _tokens_by_sample(records):
@@ -150,16 +157,15 @@ def _tokens_by_sample(records):
 
 
 @pytest.mark.e2e
-def test_the_run_stopped_and_resumed_inside_the_superposition_phase_and_at_the_switch(runs):
-    first, second, third = runs["tst"]["logs"]
-    assert "training stopped (--exit-interval 2) at iteration 2" in first
-    assert "(iteration 2;" in second
-    assert f"training stopped (--exit-interval {SUP_ITERS}) at iteration {SUP_ITERS}" in second
-    assert f"(iteration {SUP_ITERS};" in third and f"training stopped (done) at iteration {TRAIN_ITERS}" in third
-    iterations = sorted({r["iteration"] for r in runs["tst"]["records"]})
+def test_the_run_resumed_inside_the_superposition_phase_and_at_the_switch_trains_each_step_once(runs):
+    records = runs["tst"]["records"]
+    iterations = sorted({r["iteration"] for r in records})
     assert iterations == list(range(TRAIN_ITERS))
-    phases = {r["iteration"]: r["phase"] for r in runs["tst"]["records"]}
-    assert [phases[i] for i in iterations] == ["superposition"] * SUP_ITERS + ["recovery"] * (TRAIN_ITERS - SUP_ITERS)
+    # each step's G samples once: 2 ranks x G/2 micro-batches of one row
+    assert all(sum(len(r["sample_ids"]) for r in records if r["iteration"] == i) == G for i in iterations)
+    phases = {r["iteration"]: (r["phase"], r["superposition"]) for r in records}
+    assert [phases[i] for i in iterations] == ([("superposition", True)] * SUP_ITERS
+                                               + [("recovery", False)] * (TRAIN_ITERS - SUP_ITERS))
 
 
 @pytest.mark.e2e
@@ -173,7 +179,7 @@ def test_every_superposition_row_is_one_contiguous_window(runs, corpus):
 
 
 @pytest.mark.e2e
-def test_no_token_twice_and_the_trained_tokens_are_a_prefix_of_the_block_stream(runs, block_stream):
+def test_no_token_twice_and_the_trained_tokens_are_a_prefix_of_the_window_stream(runs, block_stream):
     by_sample = _tokens_by_sample(runs["tst"]["records"])
     total = SUP_ITERS * G * S + (TRAIN_ITERS - SUP_ITERS) * G
     assert sorted(by_sample) == list(range(total))  # nothing skipped, nothing twice, across stops and the switch
@@ -199,28 +205,30 @@ def test_a_checkpoint_of_another_stream_is_refused_with_the_way_forward(runs, co
     # The TST run's checkpoint (contiguous windows of 6 x 64 tokens) loaded with bags of 4: windows of 4 x 64
     tst_dir = runs["tst"]["dir"]
     result = run_trainer(FLAGS + ["--data-path", corpus[0], "--data-cache-path", str(tst_dir / "cache"),
-                               "--load", str(tst_dir / "ckpt"), "--tst-superposition-iters", str(SUP_ITERS),
-                               "--tst-bag-size", "4"], nproc=1)
+                                  "--load", str(tst_dir / "ckpt"), "--tst-superposition-iters", str(SUP_ITERS),
+                                  "--tst-bag-size", "4"], nproc=1)
     assert result.returncode != 0
     assert "the data stream cannot be continued exactly" in result.stderr, result.stderr[-3000:]
     assert "--tst-sample-layout contiguous and --tst-bag-size 6" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert worker_tracebacks(result.stderr) == []
 
 
 @pytest.mark.e2e
 def test_a_megatron_lm_checkpoint_continues_only_on_its_own_stream(tmp_path):
     """Megatron-LM's checkpoint consumed stock samples: a run with the contiguous layout would read other
     tokens (refused, naming --tst-sample-layout segments), and with segments it continues exactly."""
-    from run_harness import fixture, fixture_argv
     from text_corpus import build_byte_corpus
 
-    record, directory = fixture("megatron_lm_gpt_tp1")
+    root = os.path.join(os.path.dirname(__file__), "fixtures", "megatron_lm")
+    with open(os.path.join(root, "megatron_lm_gpt_tp1.json")) as f:
+        record = json.load(f)
     data = build_byte_corpus(str(tmp_path / "data"))
-    argv = fixture_argv(record, str(tmp_path / "save")) + [
-        "--load", directory, "--data-path", data, "--data-cache-path", str(tmp_path / "cache"), "--exit-interval",
-        "31", "--eval-iters", "0", "--num-workers", "0", "--tst-bag-size", "4", "--tst-superposition-ratio", "0"]
+    argv = record["megatron_cli_args_str"].replace("<checkpoint_dir>", str(tmp_path / "save")).split() + [
+        "--load", os.path.join(root, "megatron_lm_gpt_tp1"), "--data-path", data,
+        "--data-cache-path", str(tmp_path / "cache"), "--exit-interval", "31", "--eval-iters", "0",
+        "--eval-interval", "1000", "--num-workers", "0", "--tst-bag-size", "4", "--tst-superposition-ratio", "0"]
     refused = run_trainer(argv, nproc=1)
-    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.returncode != 0 and worker_tracebacks(refused.stderr) == []
     assert "consumed 120 samples of Megatron's stock samples" in refused.stderr, refused.stderr[-3000:]
     assert "Add --tst-sample-layout segments to continue that stream exactly" in refused.stderr
     continued = run_trainer(argv + ["--tst-sample-layout", "segments"], nproc=1)
@@ -231,45 +239,127 @@ def test_a_megatron_lm_checkpoint_continues_only_on_its_own_stream(tmp_path):
 # ---------------------------------------------------------------------------------------------- in process
 
 
+def _plan(total, *, bag=S, steps=SUP_ITERS, layout="contiguous", seq_length=L):
+    from megatron_tst.stream import SamplePlan
+
+    return SamplePlan(seq_length=seq_length, total_samples=total, tst=True, bag_size=bag, superposition_steps=steps,
+                      superposition_samples=steps * G, sample_layout=layout)
+
+
+def _collate(dataset, indices):
+    return torch.utils.data.default_collate([dataset[i] for i in indices])
+
+
 @pytest.mark.unit
 def test_contiguity_check_fails_on_segment_rows_and_passes_on_windows(corpus, tmp_path):
-    """The check above can fail: rows of the segments layout (s unrelated samples) break it; rows the
-    contiguous layout cuts from the same corpus pass it. Both through `micro_batches`, the trainer's path."""
-    from megatron_tst.training.data import micro_batches
+    """The check above can fail: rows of the segments layout (s unrelated samples) break it; rows the contiguous
+    layout cuts from the same corpus pass it. Both through `TSTTrainDataset`, the trainer's path."""
+    from megatron_tst.stream import TSTTrainDataset
 
     prefix, firsts, lasts = corpus
     length = 60  # the segments layout needs L % s == 0
-    common = dict(first_sample=0, num_steps=1, bag_size=S, global_batch_size=G, micro_batch_size=G, dp_rank=0,
-                  dp_size=1, seq_length=length)
-    windows = reference_dataset(prefix, S * length, G, str(tmp_path / "w"))
-    samples = reference_dataset(prefix, length, G * S, str(tmp_path / "s"))
-    contiguous = next(micro_batches(windows, samples_per_window=S, **common))
-    segments = next(micro_batches(samples, samples_per_window=1, **common))
+    windows = TSTTrainDataset(reference_dataset(prefix, S * length, 2 * G, str(tmp_path / "w")),
+                              _plan(2 * G, seq_length=length))
+    segments = TSTTrainDataset(reference_dataset(prefix, length, 2 * G * S, str(tmp_path / "s")),
+                               _plan(2 * G, seq_length=length, layout="segments"))
+    contiguous, segmented = _collate(windows, range(G)), _collate(segments, range(G))
     assert all(contiguity_breaks(row.tolist(), firsts, lasts) == [] for row in contiguous["tokens"])
-    assert all(len(contiguity_breaks(row.tolist(), firsts, lasts)) >= S - 1 for row in segments["tokens"])
+    assert all(len(contiguity_breaks(row.tolist(), firsts, lasts)) >= S - 1 for row in segmented["tokens"])
     # next-bag targets run through a whole contiguous row: only its last bag has fewer than s (one) targets;
     # a row of segments has s such last bags
     real_targets = lambda batch: int((batch["tst_targets"] != -100).sum())
     assert real_targets(contiguous) == G * ((length - 1) * S + 1)
-    assert real_targets(segments) == G * S * ((length // S - 1) * S + 1)
+    assert real_targets(segmented) == G * S * ((length // S - 1) * S + 1)
+    assert contiguous["sample_ids"].tolist() == [list(range(i * S, i * S + S)) for i in range(G)]
 
 
 @pytest.mark.unit
 def test_recovery_reads_the_windows_sample_by_sample(corpus, tmp_path):
-    """Baseline sample k of the contiguous layout = tokens [(k % s) L, (k % s + 1) L] of window k // s, which is
-    what Megatron's *unshuffled* L-sample index holds there: consecutive samples share their boundary token."""
-    from megatron_tst.training.data import micro_batches
+    """Recovery sample i is baseline sample k = N_sup*s + (i - N_sup) = tokens [(k % s) L, (k % s + 1) L] of window
+    k // s, which is what Megatron's *unshuffled* L-sample index holds there (consecutive samples share their
+    boundary token)."""
+    from megatron_tst.stream import TSTTrainDataset
 
-    windows = reference_dataset(corpus[0], S * L, 4, str(tmp_path / "w"))
-    batch = next(micro_batches(windows, first_sample=3, num_steps=1, bag_size=1, global_batch_size=G * 2,
-                               micro_batch_size=G * 2, dp_rank=0, dp_size=1, seq_length=L, samples_per_window=S))
-    assert batch["sample_ids"].tolist() == [[k] for k in range(3, 3 + 2 * G)]
-    for row, k in enumerate(range(3, 3 + 2 * G)):
-        window = windows[k // S]
+    sup_samples = SUP_ITERS * G
+    total = sup_samples + 3 * G
+    raw = reference_dataset(corpus[0], S * L, sup_samples + 3 * G // S + 1, str(tmp_path / "w"))
+    dataset = TSTTrainDataset(raw, _plan(total))
+    assert len(dataset) == total + 1  # one past the run (Megatron's sampler: consumed < length, also at the end)
+    for i in range(sup_samples, total + 1):
+        item = dataset[i]
+        k = sup_samples * S + (i - sup_samples)
+        window = raw[k // S]
         piece = slice((k % S) * L, (k % S + 1) * L)
-        assert batch["tokens"][row].tolist() == window["tokens"][piece].tolist()
-        assert batch["labels"][row].tolist() == window["labels"][piece].tolist()
-        assert batch["position_ids"][row].tolist() == list(range(L))
-    with pytest.raises(ValueError, match="must start at a window boundary"):
-        next(micro_batches(windows, first_sample=3, num_steps=1, bag_size=S, global_batch_size=1,
-                           micro_batch_size=1, dp_rank=0, dp_size=1, seq_length=L, samples_per_window=S))
+        assert item["sample_ids"].tolist() == [k]
+        assert item["tokens"].tolist() == window["tokens"][piece].tolist()
+        assert item["labels"].tolist() == window["labels"][piece].tolist()
+        assert item["position_ids"].tolist() == list(range(L))
+        assert "tst_targets" not in item
+    with pytest.raises(ValueError, match="holds .* samples of 384 tokens, the run reads"):
+        TSTTrainDataset(raw, _plan(total + 100 * S))
+
+
+@pytest.mark.unit
+def test_the_plan_counts_samples_and_tokens_by_phase():
+    plan = _plan(10 * G, steps=3)
+    assert [plan.phase_of_sample(i).value for i in (0, 3 * G - 1, 3 * G)] == ["superposition"] * 2 + ["recovery"]
+    assert [plan.phase_at(i).value for i in (2, 3)] == ["superposition", "recovery"]
+    assert plan.baseline_samples_before(3 * G + 5) == 3 * G * S + 5
+    assert plan.raw_tokens_before(3 * G + 5) == (3 * G * S + 5) * L
+    # windows: superposition rows, then s recovery samples per window, up to one sample past the run
+    assert plan.source_samples_needed() == 3 * G + -(-(7 * G + 1) // S)
+    assert _plan(10 * G, layout="segments").source_samples_needed() == 3 * G * S + 7 * G + 1
+
+
+def _megatron_args(**changes):
+    values = dict(train_iters=10, train_samples=None, global_batch_size=G, seq_length=L, tst_bag_size=S,
+                  tst_superposition_ratio=0.3, tst_superposition_iters=None, tst_weighting=None,
+                  tst_sample_layout=None, micro_batch_size=1)
+    values.update(changes)
+    return Namespace(**values)
+
+
+@pytest.mark.unit
+def test_the_plan_of_megatron_args_with_and_without_a_batch_size_ramp():
+    """The superposition phase is floor(r x train iterations) steps; the samples they take follow Megatron's own
+    micro-batch calculator, so that under a batch-size ramp-up the switch falls on a step boundary."""
+    import inspect
+
+    from megatron.core import num_microbatches_calculator as calculator
+
+    from megatron_tst.config import TSTConfig
+    from megatron_tst.stream import SamplePlan
+
+    def plan_with(**ramp):
+        calculator.destroy_num_microbatches_calculator()
+        calculator.init_num_microbatches_calculator(rank=0, global_batch_size=16, micro_batch_size=1,
+                                                    data_parallel_size=1, decrease_batch_size_if_needed=False,
+                                                    **ramp)
+        args = _megatron_args(global_batch_size=16)
+        try:
+            return SamplePlan.from_megatron(args, TSTConfig.from_args(args))
+        finally:
+            calculator.destroy_num_microbatches_calculator()
+
+    constant = plan_with(rampup_batch_size=None)
+    assert (constant.superposition_steps, constant.superposition_samples, constant.total_samples) == (3, 48, 160)
+    parameters = inspect.signature(calculator.init_num_microbatches_calculator).parameters
+    if "step_batch_size_schedule" in parameters:  # 0.19: thresholds in samples
+        ramp = plan_with(step_batch_size_schedule="0:4 8:8 24:16")
+        total = 4 + 4 + 8 + 8 + 6 * 16  # batches of 4 below 8 samples, 8 below 24, then 16
+    else:  # 0.17: start 4, +4 every 8 samples until 16 (over 24 samples)
+        ramp = plan_with(rampup_batch_size=[4, 4, 24])
+        total = 4 + 4 + 8 + 12 + 6 * 16
+    # the first 3 steps take 4 + 4 + 8 samples; the run as many samples as its 10 steps take, not 10 x 16
+    assert (ramp.superposition_steps, ramp.superposition_samples, ramp.total_samples) == (3, 16, total)
+
+
+@pytest.mark.unit
+def test_no_recovery_phase_is_refused():
+    from megatron_tst.config import TSTConfig
+    from megatron_tst.stream import superposition_steps
+
+    with pytest.raises(ValueError, match="leave no recovery phase"):
+        superposition_steps(TSTConfig(bag_size=4, superposition_iters=10), 10)
+    assert superposition_steps(TSTConfig(bag_size=4, superposition_ratio=0.3), 10) == 3
+    assert superposition_steps(None, 10) == 0

@@ -2,9 +2,11 @@
 
     python tools/bench_fused_mce.py                     # CPU grid: V in {32768, 131072}, s in {1, 6, 16}, fp32 + bf16
     python tools/bench_fused_mce.py --vocab 32768 --dtypes fp32 --bags 1 6 --methods fused unfused   # a part
-    python tools/bench_fused_mce.py --gpu [--trainer]   # H200: the 600m output layer (h 960, V 128,256, 8 x 2016
-                                                        # positions, bf16); --trainer adds the 600m training step
-    python tools/bench_fused_mce.py --gpu --allow-cpu --trainer   # the GPU script as a tiny CPU smoke run
+    python tools/bench_fused_mce.py --gpu               # H200: the 600m output layer (h 960, V 128,256, 8 x 2016
+                                                        # positions, bf16)
+    python tools/bench_fused_mce.py --gpu --allow-cpu   # the GPU script as a tiny CPU smoke run
+    # the training step with and without the fusion, through Megatron-LM's loop:
+    python tools/bench_gpu.py -- --cross-entropy-loss-fusion --cross-entropy-fusion-impl linear
 
 Each case is one forward + backward of the output layer and the loss, from hidden states [L, b, h] and the output
 weight [V, h] (both requiring gradients) to the gradients of both, at L x b = 4096 positions, h = 512 (CPU grid):
@@ -203,40 +205,6 @@ def check_same_loss(rows: list, rtol: float) -> list:
             and abs(value - by[key[:3] + ("unfused",)]) > rtol * abs(value)]
 
 
-def trainer_steps(cli) -> dict:
-    """The trainer's 600m step (superposition s=--bags[-1], recovery, stock) without and with the linear loss
-    fusion: ms/step, tokens/s and the peak device memory of each run (tools/trainer_bench.py)."""
-    import trainer_bench as bench
-
-    bench.quiet_known_warnings()
-    world = bench.world_size_from_env()
-    # bench_gpu.py's settings: the 600m recipe on the GPU (TE spec when it imports), its tiny shape on CPU.
-    bench_cli = argparse.Namespace(recipe="600m", bag_sizes=[cli.bags[-1]], num_microbatches=cli.num_microbatches,
-                                   warmup=cli.trainer_warmup, steps=cli.trainer_steps,
-                                   gpu_defaults={"warmup": 3, "steps": 10, "num_microbatches": 4},
-                                   **{k: None for k in bench._SHAPE_FLAGS})
-    overrides, vocab = bench.gpu_overrides(bench_cli, world)
-    out = {}
-    for name, fusion in (("unfused", {}), ("fused", {"cross-entropy-loss-fusion": True,
-                                                      "cross-entropy-fusion-impl": "linear"})):
-        args = bench.trainer_args("600m", {**overrides, **fusion}, vocab, world)
-        bench.reinitialize(args)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        summary = bench.measure(args, bag_sizes=bench_cli.bag_sizes, warmup=bench_cli.warmup, reps=bench_cli.steps)
-        summary["peak_memory_gib"] = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
-                                      else None)
-        out[name] = summary
-        if bench.is_rank0():
-            flags = "--cross-entropy-loss-fusion --cross-entropy-fusion-impl linear" if fusion else "stock"
-            print(f"## trainer step, {name} loss ({flags}); peak device memory of the run: "
-                  f"{summary['peak_memory_gib']} GiB")
-            print(bench.describe(summary))
-            print(bench.format_gpu_table(summary) + "\n", flush=True)
-    return out
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case (JSON) and print its result
@@ -253,10 +221,6 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, help="untimed runs per case first (default 0 on CPU, 3 on GPU)")
     parser.add_argument("--gpu", action="store_true", help="the H200 preset: the 600m output layer in bf16")
     parser.add_argument("--allow-cpu", action="store_true", help="with --gpu and no GPU: a tiny CPU smoke run")
-    parser.add_argument("--trainer", action="store_true", help="with --gpu: also the 600m trainer step, w/o fusion")
-    parser.add_argument("--num-microbatches", type=int, help="trainer step: micro-batches per step (default 4)")
-    parser.add_argument("--trainer-warmup", type=int, help="trainer step: untimed rounds (default 3)")
-    parser.add_argument("--trainer-steps", type=int, help="trainer step: timed rounds (default 10)")
     parser.add_argument("--json", help="also write all results to this file")
     cli = parser.parse_args(argv)
     if cli.one:
@@ -288,8 +252,6 @@ def main(argv=None) -> int:
     for case, fused, unfused in different:
         print(f"bench_fused_mce: fused and unfused losses differ at {case}: {fused} vs {unfused}")
     results = {"grid": rows}
-    if cli.trainer:
-        results["trainer"] = trainer_steps(cli)
     if cli.json:
         with open(cli.json, "w") as f:
             json.dump(results, f, indent=1, default=str)

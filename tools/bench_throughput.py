@@ -1,27 +1,26 @@
-"""Benchmark (CPU): full training steps of the superposition and recovery phases against a stock Megatron-Core
+"""Benchmark (CPU): Megatron-LM's training loop with TST, superposition and recovery steps against Megatron-Core's stock
 GPTModel step, side by side in one run, at TP=1 and TP=2.
 
-    python tools/bench_throughput.py [--bag-sizes 6] [--tp 1 2] [--reps 7] [--json out.json]
+    python tools/bench_throughput.py [--bag-sizes 6] [--tp 1 2] [--rounds 3] [--steps 4] [--json out.json]
 
-Per TP size, one set of gloo processes (`run_distributed`, world size = TP, Layout(tp=TP)) builds, from the
-600m recipe's Llama-style block and optimizer (RMSNorm, SwiGLU, RoPE, GQA, untied embeddings, no dropout,
-AdamW, distributed optimizer, sequence parallelism when TP > 1) at a small shape in fp32:
+Per TP size, one set of gloo processes (world size = TP) runs Megatron-LM's `pretrain` in process for each variant
+(tools/trainer_bench.py) on a 600m-recipe-style block at a small shape in fp32 (RMSNorm, SwiGLU, RoPE, GQA, untied
+embeddings, no dropout, AdamW, distributed optimizer, sequence parallelism when TP > 1, mock data):
     (a) superposition step (s = each --bag-sizes): TSTGPTModel, [mbs, s*L] tokens -> next-bag MCE;
         raw tokens per step = s x (c)'s
     (b) recovery step: TSTGPTModel, stock micro-batches
-    (c) stock step: an unmodified Megatron-Core GPTModel from the same spec, the same micro-batches as (b)
-Each step is the trainer's `train_step` (Megatron's get_forward_backward_func over --num-microbatches
-micro-batches, gradient finalisation, optimizer step). Same shapes, optimizer and initial weights; rounds
-interleave the variants after warmup; medians (see tools/trainer_bench.py).
+    (c) stock step: Megatron-Core's unmodified GPTModel from the same flags
+A step's time is Megatron-LM's "elapsed time per iteration" of the step. Same shapes, optimizer and initial
+weights; rounds interleave the variants after warmup; medians.
 
-Threads: every configuration uses the same cores (--threads, default all): TP=1 is one process with all of
-them, TP=2 two processes with half each (torch.set_num_threads in each process).
+Threads: every configuration uses the same cores (--threads, default all): TP=1 is one process with all of them,
+TP=2 two processes with half each (torch.set_num_threads in each process).
 
-Targets: (a)/(c) and (b)/(c) step time <= 1.05, tokens/s(a) / (s x tokens/s(c)) >= 0.95. The IQR column is
-(c)'s interquartile range over its median: ratios closer to 1 than that are within the machine's noise.
-Checks per TP size (bench.standard_checks): losses and gradient norms finite, no skipped step, first-step losses
-near ln(vocab), and (b)'s first-step loss equal to (c)'s (rel 1e-5: same weights, batch and forward). Exit
-status 1 when a target or a check is missed.
+Targets: (a)/(c) and (b)/(c) step time <= 1.05, tokens/s(a) / (s x tokens/s(c)) >= 0.95. The IQR column is (c)'s
+interquartile range over its median: ratios closer to 1 than that are within the machine's noise. Checks per TP
+size (trainer_bench.standard_checks): losses and gradient norms finite, no skipped step, each variant's steps in its
+phase, and (b)'s losses equal to (c)'s step by step (rel 1e-5: same weights, samples and forward). Exit status 1
+when a target or a check is missed.
 """
 
 from __future__ import annotations
@@ -31,20 +30,39 @@ import json
 import os
 import sys
 
+import torch
+
 TIME_TARGET = 1.05
 TOKENS_TARGET = 0.95
 SAME_LOSS_RTOL = 1e-5  # (b) and (c): the same fp32 forward on the same weights and batch
 
 
-def overrides_for(cli, tp: int) -> dict:
-    mbs = cli.micro_batch
-    return {
-        "num-layers": cli.layers, "hidden-size": cli.hidden, "num-attention-heads": cli.heads,
-        "num-query-groups": cli.groups, "ffn-hidden-size": cli.ffn,  # None: the SwiGLU rule from the hidden size
-        "seq-length": cli.seq, "micro-batch-size": mbs, "global-batch-size": mbs * cli.num_microbatches,
-        "tensor-model-parallel-size": tp, "pipeline-model-parallel-size": 1,
-        "sequence-parallel": cli.sequence_parallel, "bf16": False, "tst-bag-size": cli.bag_sizes[0],
-    }
+def common_argv(cli, tp: int) -> list:
+    """The Megatron-LM command line every variant shares at this TP size (the variant adds its --tst-* flags)."""
+    argv = (f"--num-layers {cli.layers} --hidden-size {cli.hidden} --num-attention-heads {cli.heads} "
+            f"--group-query-attention --num-query-groups {cli.groups} --seq-length {cli.seq} "
+            f"--max-position-embeddings {cli.seq} --position-embedding-type rope --normalization RMSNorm --swiglu "
+            "--disable-bias-linear --untie-embeddings-and-output-weights --attention-dropout 0 --hidden-dropout 0 "
+            f"--micro-batch-size {cli.micro_batch} --global-batch-size {cli.micro_batch * cli.num_microbatches} "
+            "--lr 1e-4 --lr-decay-style constant --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0 --seed 1234 "
+            f"--use-distributed-optimizer --tensor-model-parallel-size {tp} --tokenizer-type NullTokenizer "
+            f"--vocab-size {cli.vocab} --mock-data --num-workers 0").split()
+    if cli.ffn:
+        argv += ["--ffn-hidden-size", str(cli.ffn)]
+    if tp > 1 and cli.sequence_parallel:
+        argv.append("--sequence-parallel")
+    return argv
+
+
+def worker(argv, bag_sizes, warmup, steps, rounds, threads, directory):
+    """`run_distributed` entry (torch.distributed only): the variants on this world; the summary or None."""
+    import warnings
+
+    import trainer_bench as bench
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    return bench.measure(argv, bag_sizes, warmup=warmup, steps=steps, rounds=rounds, directory=directory)
 
 
 def rows_for(tp: int, summary: dict) -> list:
@@ -64,7 +82,6 @@ def rows_for(tp: int, summary: dict) -> list:
             "tokens_ratio": sup["raw_tokens_per_s"] / (s * stock["raw_tokens_per_s"]),
             "pos_a": sup["positions_per_s"], "pos_b": rec["positions_per_s"], "pos_c": stock["positions_per_s"],
             "iqr_c": stock["iqr_rel"],
-            "first_loss_b_c": (rec["losses"][0], stock["losses"][0]),
         })
     return rows
 
@@ -94,8 +111,9 @@ def main(argv=None) -> int:
     parser.add_argument("--num-microbatches", type=int, default=4, help="micro-batches per step")
     parser.add_argument("--bag-sizes", type=int, nargs="+", default=[6], choices=[4, 6], help="s of (a)")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds (every variant once)")
-    parser.add_argument("--reps", type=int, default=7, help="timed rounds (every variant once); medians")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every run")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every variant, interleaved; medians")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="cores per configuration, split evenly over its TP processes")
     parser.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false",
@@ -103,18 +121,21 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the full results (per-step times, losses) to this file")
     cli = parser.parse_args(argv)
 
+    import tempfile
+
     import trainer_bench as bench
 
-    from megatron_tst.testing.distributed import Layout, run_distributed
+    from megatron_tst.testing.distributed import run_distributed
 
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # Megatron-LM requires it with TP > 1
     results, rows, checks = {}, [], {}
     for tp in cli.tp:
         threads = max(1, cli.threads // tp)
-        summary = run_distributed(
-            bench.cpu_worker, world_size=tp, layout=Layout(tp=tp), timeout_s=7200,
-            args=("600m", overrides_for(cli, tp), cli.vocab, threads,
-                  dict(bag_sizes=cli.bag_sizes, warmup=cli.warmup, reps=cli.reps)),
-        )[0]
+        with tempfile.TemporaryDirectory() as directory:
+            per_rank = run_distributed(worker, world_size=tp, layout=None, timeout_s=7200,
+                                       args=(common_argv(cli, tp), cli.bag_sizes, cli.warmup, cli.steps, cli.rounds,
+                                             threads, directory))
+        summary = next(r for r in per_rank if r is not None)
         results[f"tp{tp}"] = summary
         print(bench.describe(summary), flush=True)
         rows += rows_for(tp, summary)

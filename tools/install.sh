@@ -1,33 +1,33 @@
 #!/usr/bin/env bash
 # Set up a virtual environment for megatron-tst on a CPU machine (Python 3.11 here; 3.12 in NGC containers).
-#   tools/install.sh                 .venv          megatron-core 0.16.1 (development pin, constraints.txt)
-#   tools/install.sh --mcore 0.19.2  .venv-mcore019 megatron-core 0.19.2 (what NGC containers ship)
+#   tools/install.sh                 .venv          megatron-core 0.19.2 (the newest supported; the demo's)
+#   tools/install.sh --mcore 0.17.1  .venv-mcore017 megatron-core 0.17.1 (the oldest supported)
 #   tools/install.sh --venv-of V     print the venv directory of megatron-core V, install nothing
 # The CPU build of torch 2.13.0 goes in first (so that no install ever resolves torch to a multi-GB CUDA build).
-# megatron-core 0.19.2 declares Python >= 3.12 but ships a cp311 wheel that works with the CPU torch: it is
-# installed with --no-deps --ignore-requires-python, then its pure-Python requirements (packaging, numpy) and
-# triton (imported by some of its modules). GPU machines: use your CUDA torch / NGC container and
-# `pip install -e ".[gpu]"` instead (README, "Install").
+# megatron-core 0.17-0.19 declare Python >= 3.12 but ship cp311 wheels that work with the CPU torch, their
+# `megatron.training` (Megatron-LM's loop) included: installed with --no-deps --ignore-requires-python, then their
+# pure-Python requirements (packaging, numpy) and triton (imported by some of their modules). transformers is
+# Megatron's tokenizers' backend (HuggingFaceTokenizer, GPT2BPETokenizer); it does not touch torch.
+# GPU machines: use your NGC container (megatron-core and Transformer Engine installed) and `pip install -e .`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mcore=0.16.1
+mcore=0.19.2
 case "${1:-}" in
-  --mcore) mcore=${2:?--mcore needs a version: 0.16.1 or 0.19.2} ;;
+  --mcore) mcore=${2:?--mcore needs a version: 0.17.1 or 0.19.2} ;;
   --venv-of) mcore=${2:?--venv-of needs a version}; print_only=1 ;;
   "") ;;
-  *) echo "usage: tools/install.sh [--mcore 0.16.1|0.19.2] [--venv-of VERSION]" >&2; exit 2 ;;
+  *) echo "usage: tools/install.sh [--mcore 0.17.1|0.19.2] [--venv-of VERSION]" >&2; exit 2 ;;
 esac
 case "$mcore" in
-  0.16.1) venv=.venv ;;
-  0.19.2) venv=.venv-mcore019 ;;
-  *) echo "tools/install.sh: megatron-core $mcore is not one of the tested versions (0.16.1, 0.19.2)" >&2; exit 2 ;;
+  0.19.2) venv=.venv ;;
+  0.17.1) venv=.venv-mcore017 ;;
+  *) echo "tools/install.sh: megatron-core $mcore is not one of the tested versions (0.17.1, 0.19.2)" >&2; exit 2 ;;
 esac
 if [[ -n "${print_only:-}" ]]; then echo "$venv"; exit 0; fi
 
 python=${PYTHON:-python3}
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
-extras="test,text,logging,plots,yaml"
 # The CPU build of torch 2.13.0, first: from the local wheels when pip's --find-links has it (this machine and
 # CI), else from PyTorch's CPU index (plain PyPI's Linux torch is the CUDA build, several GB); then its
 # dependencies, which the installed torch 2.13.0+cpu already satisfies as a requirement.
@@ -41,19 +41,15 @@ if ! has_cpu_torch; then
     "${pip[@]}" --no-deps --force-reinstall --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
   fi
 fi
-"${pip[@]}" torch==2.13.0
-if [[ $mcore == 0.16.1 ]]; then
-  "${pip[@]}" -c constraints.txt -e ".[$extras]"
-else
-  "${pip[@]}" triton
-  "${pip[@]}" --no-deps --ignore-requires-python "megatron-core==$mcore"
-  "${pip[@]}" "packaging>=24.2" numpy
-  # megatron-tst itself (its requirement megatron-core is met above), then its extras by name; typing_extensions
-  # stands in for 3.12's typing.override in the test that runs Megatron-LM's own loader.
-  "${pip[@]}" --no-deps -e .
-  "${pip[@]}" -c constraints.txt psutil pytest pytest-randomly ruff tokenizers sentencepiece tensorboard matplotlib pyyaml typing_extensions
-fi
+"${pip[@]}" torch==2.13.0 triton
+"${pip[@]}" --no-deps --ignore-requires-python "megatron-core==$mcore"
+# megatron-tst itself (its requirement megatron-core is met above), then Megatron's pure-Python requirements and
+# our extras by name (constraints.txt keeps torch at the CPU build); typing_extensions stands in for Python
+# 3.12's typing.override (megatron_tst/platform/megatron_lm.py).
+"${pip[@]}" --no-deps -e .
+"${pip[@]}" -c constraints.txt "packaging>=24.2" numpy psutil typing_extensions transformers tokenizers \
+    sentencepiece tensorboard matplotlib pyyaml pytest pytest-randomly ruff
 if "$venv/bin/python" -c 'import torch, sys; sys.exit(torch.version.cuda is None)'; then
   echo "warning: a CUDA build of torch is installed in $venv" >&2
 fi
-echo "megatron-tst installed in $venv ($("$venv/bin/python" -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)' 2>/dev/null))"
+echo "megatron-tst installed in $venv ($("$venv/bin/python" -c 'import megatron_tst, torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)' 2>/dev/null))"

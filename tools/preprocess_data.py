@@ -1,7 +1,7 @@
-"""Tokenize text into Megatron's indexed dataset (.bin/.idx), with Megatron-LM's tools/preprocess_data.py flags.
+"""Tokenize text into Megatron's indexed dataset (.bin/.idx) with Megatron's own tokenizers and tokenizer flags.
 
     python tools/preprocess_data.py --input corpus.jsonl --json-keys text --output-prefix data/demo \
-        --tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tokenizer.json --append-eod --workers 2
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model data/demo/tokenizer --append-eod --workers 2
 
 writes data/demo_text_document.bin and .idx (`{PREFIX}_{key}_document`), one per --json-keys key, through
 Megatron-Core's `IndexedDatasetBuilder` with `DType.optimal_dtype(vocab_size)` (uint16 below 65500 ids,
@@ -14,9 +14,20 @@ Input (--input):
     a directory            its *.txt files (each one document), or its *.jsonl[.gz] files, recursively, in
                            sorted path order
 
-Tokenizers (--tokenizer-type): HuggingFaceTokenizer (--tokenizer-model tokenizer.json or its directory),
-SentencePieceTokenizer (--tokenizer-model x.model), NullTokenizer (--vocab-size N; text is space-separated
-ids); see megatron_tst/training/tokenizer.py. --append-eod appends the tokenizer's eod id to every document.
+Tokenizer: Megatron-LM's tokenizer flags, parsed by Megatron-LM's own argument group
+(`megatron.training.arguments._add_tokenizer_args`, as Megatron-LM's tools/preprocess_data.py) and built by
+`megatron.core.tokenizers.utils.build_tokenizer.build_tokenizer(args)`, the call Megatron-LM's training makes
+(`megatron.training.global_vars._build_tokenizer`): the same flags as the training command line give the same
+token ids, vocabulary and end-of-document id, on the installed megatron-core. For example
+    HuggingFaceTokenizer        --tokenizer-model DIR (transformers' AutoTokenizer: tokenizer.json +
+                                tokenizer_config.json, its eos_token the eod) or a hub id (downloaded or cached)
+    GPT2BPETokenizer            --vocab-file vocab.json --merge-file merges.txt (Megatron's core tokenizer asks
+                                the hub's (or the cache's) "gpt2" tokenizer class for them)
+    SentencePieceTokenizer, GPTSentencePieceTokenizer, Llama2Tokenizer   --tokenizer-model x.model (eod: eos id)
+    TikTokenizer                --tokenizer-model vocab.json [--tiktoken-pattern v2] (needs `tiktoken`)
+    NullTokenizer               --vocab-size N: the text is space-separated ids. megatron-core >= 0.18: N ids,
+                                the last (N - 1) the eod (--null-tokenizer-eod-id moves it); 0.17: N + 1 ids, eod N
+--append-eod appends the tokenizer's eod id to every document (an error when the tokenizer has none).
 
 As Megatron-LM's tool, one document is one `add_document(ids, sequence_lengths)` call, in input order,
 tokenized by --workers processes (1: in this process). Unlike it: no --split-sentences / --partitions,
@@ -27,22 +38,192 @@ documents that tokenize to nothing are skipped (Megatron-LM writes them as empty
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import json
+import logging
 import multiprocessing
 import os
 import sys
 import time
+import traceback
 import warnings
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy
-
-from megatron_tst.training.tokenizer import TOKENIZER_TYPES, TextTokenizer, build_tokenizer
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 TEXT_SUFFIXES = (".txt",)
 LEVEL = "document"  # Megatron-LM names outputs ..._{key}_sentence with --split-sentences, unsupported here
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+# --tokenizer-type values whose --tokenizer-model is a local file (a path that must exist).
+MODEL_FILE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "TikTokenizer")
+# Megatron's vision-language tokenizers: not text-to-ids for a GPT dataset.
+NOT_TEXT_TYPES = ("MultimodalTokenizer", "NullMultimodalTokenizer")
+# What Megatron-LM's training sets before it builds the tokenizer (the padded vocabulary is not needed here;
+# rank 1 keeps `build_tokenizer`'s "padded vocab" log quiet, as Megatron-LM's tools/preprocess_data.py does).
+_TRAINING_ONLY_DEFAULTS = {"rank": 1, "make_vocab_size_divisible_by": 128, "tensor_model_parallel_size": 1,
+                           "sft_tokenizer_prompt_format": None, "tokenizer_prompt_format": None}
+
+
+def _megatron_import():
+    """megatron.training.arguments and megatron.core's build_tokenizer, without megatron's import-time notices
+    (no Transformer Engine / Apex), with `typing.override` on Python < 3.12 (megatron-core 0.19), and without the
+    INFO-level root logger that importing megatron.training installs (training.py's `logging.basicConfig`)."""
+    from megatron_tst.platform.megatron_lm import prepare_import
+
+    prepare_import()
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.tokenizers.utils import build_tokenizer as build_module
+        from megatron.training import arguments
+    root.setLevel(level)
+    root.handlers[:] = handlers
+    return arguments, build_module
+
+
+def add_tokenizer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron-LM's own "tokenizer" argument group (`megatron.training.arguments._add_tokenizer_args`) on `parser`:
+    every tokenizer flag of the installed Megatron-LM, with its names, defaults and choices."""
+    arguments, _ = _megatron_import()
+    return arguments._add_tokenizer_args(parser)
+
+
+def parse_tokenizer_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Megatron-LM's tokenizer flags (e.g. ["--tokenizer-type", "NullTokenizer", "--vocab-size", "257"]) parsed by
+    Megatron-LM's parser. Raises ValueError on a flag it does not know or a bad value."""
+    parser = argparse.ArgumentParser(prog="tokenizer flags", add_help=False, exit_on_error=False)
+    add_tokenizer_arguments(parser)
+    try:
+        namespace, unknown = parser.parse_known_args(list(argv))
+    except (argparse.ArgumentError, SystemExit) as error:
+        raise ValueError(f"tokenizer flags {' '.join(argv)}: {error}") from None
+    if unknown:
+        raise ValueError(f"not tokenizer flags of Megatron-LM: {' '.join(unknown)}")
+    return namespace
+
+
+def _as_namespace(tokenizer_args: Union[argparse.Namespace, Sequence[str]]) -> argparse.Namespace:
+    if isinstance(tokenizer_args, argparse.Namespace):
+        return tokenizer_args
+    return parse_tokenizer_args(tokenizer_args)
+
+
+def _check_tokenizer_flags(args: argparse.Namespace) -> None:
+    """What Megatron's build_tokenizer would fail on without saying which flag: said here, before any work."""
+    kind = args.tokenizer_type
+    if kind is None:
+        raise ValueError("--tokenizer-type is required (Megatron-LM's flag, as in training: HuggingFaceTokenizer, "
+                         "GPT2BPETokenizer, SentencePieceTokenizer, NullTokenizer, ...)")
+    if kind in NOT_TEXT_TYPES:
+        raise ValueError(f"--tokenizer-type {kind} is a vision-language tokenizer; this tool writes text datasets")
+    model = args.tokenizer_model
+    if kind in MODEL_FILE_TYPES + ("HuggingFaceTokenizer", "SFTTokenizer") and not model:
+        raise ValueError(f"--tokenizer-type {kind} needs --tokenizer-model (as in training)")
+    if kind in MODEL_FILE_TYPES and not os.path.isfile(model):
+        raise FileNotFoundError(f"--tokenizer-model {model!r}: no such file ({kind} loads a model file)")
+    if kind == "HuggingFaceTokenizer":
+        if os.path.isfile(model):
+            raise ValueError(
+                f"--tokenizer-model {model!r} is a file: HuggingFaceTokenizer loads with transformers' "
+                f"AutoTokenizer.from_pretrained, which takes a tokenizer directory (tokenizer.json and "
+                f"tokenizer_config.json, saved by save_pretrained) or a hub id; give "
+                f"{os.path.dirname(model) or '.'!r} if it holds both")
+        looks_local = (os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
+                       or model.endswith(".json"))
+        if looks_local and not os.path.isdir(os.path.expanduser(model)):
+            raise FileNotFoundError(f"--tokenizer-model {model!r}: no such tokenizer directory")
+    for flag, path in (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file)):
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path!r}: no such file")
+    if kind == "NullTokenizer" and not args.vocab_size:
+        raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size (the number of token ids, as in "
+                         "training; the text is space-separated ids)")
+
+
+def _hint(kind: str, error: Exception) -> str:
+    text = str(error)
+    if "must be both be from memory or both filenames" in text:
+        return (" (megatron-core 0.17's GPT2BPETokenizer hands --merge-file to transformers under a misspelt "
+                "keyword, so the merges are looked up in the hub's 'gpt2' repository instead; use "
+                "megatron-core >= 0.19 for your own merges file)")
+    if "couldn't connect" in text.lower() or "offline" in text.lower() or "LocalEntryNotFound" in text:
+        if kind == "GPT2BPETokenizer":
+            return (" (Megatron's GPT2BPETokenizer loads the tokenizer class of the hub's 'gpt2' repository even "
+                    "with --vocab-file/--merge-file: it needs network access or that repository in the Hugging "
+                    "Face cache)")
+        return " (a hub id needs network access or the Hugging Face cache; a local directory does not)"
+    if isinstance(error, ModuleNotFoundError):
+        return f" (install {error.name})"
+    return ""
+
+
+def build_tokenizer(tokenizer_args: Union[argparse.Namespace, Sequence[str]]):
+    """Megatron's tokenizer for Megatron-LM's tokenizer flags: `megatron.core.tokenizers.utils.build_tokenizer.
+    build_tokenizer(args)`, the call of Megatron-LM's training (`global_vars._build_tokenizer`).
+
+    Args:
+        tokenizer_args: `parse_tokenizer_args`' namespace, or the flags themselves.
+
+    Returns:
+        Megatron's tokenizer (`tokenize(text) -> list[int]`, `detokenize`, `vocab_size`, `eod`).
+
+    Raises:
+        ValueError: a missing or contradictory flag, or a tokenizer Megatron cannot build (its message, with a
+            hint where the cause is known).
+        FileNotFoundError: a tokenizer file or directory that does not exist.
+    """
+    args = copy.copy(_as_namespace(tokenizer_args))
+    _check_tokenizer_flags(args)
+    for name, value in _TRAINING_ONLY_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+    _, build_module = _megatron_import()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = build_module.build_tokenizer(args)
+    except Exception as error:  # Megatron's and transformers' errors: one line with the cause
+        message = " ".join(str(error).split())
+        if not message:  # a bare assert: where it failed
+            frame = traceback.extract_tb(error.__traceback__)[-1]
+            message = (f"{type(error).__name__} at {frame.filename.split('site-packages/')[-1]}:{frame.lineno} "
+                       f"({(frame.line or '').strip()})")
+        raise ValueError(f"--tokenizer-type {args.tokenizer_type}: Megatron cannot build the tokenizer: {message}"
+                         f"{_hint(args.tokenizer_type, error)}") from None
+    if "transformers" in sys.modules:  # "sequence longer than the model's maximum": not a concern of a dataset
+        sys.modules["transformers"].logging.set_verbosity_error()
+    vocab_size = tokenizer.vocab_size
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"--tokenizer-type {args.tokenizer_type}: vocabulary size {vocab_size!r}")
+    return tokenizer
+
+
+def describe_tokenizer(args: argparse.Namespace, tokenizer) -> str:
+    """One line: the tokenizer's type, its files, vocabulary size and eod id."""
+    files = [f"{flag} {value}" for flag, value in (("--tokenizer-model", args.tokenizer_model),
+                                                   ("--vocab-file", args.vocab_file),
+                                                   ("--merge-file", args.merge_file)) if value]
+    return (f"{args.tokenizer_type}{' (' + ', '.join(files) + ')' if files else ''}, vocab_size "
+            f"{tokenizer.vocab_size}, eod {_eod(tokenizer)}")
+
+
+def _eod(tokenizer) -> Optional[int]:
+    """The tokenizer's end-of-document id, or None when it has none."""
+    try:
+        eod = tokenizer.eod
+    except (AttributeError, NotImplementedError, KeyError, TypeError, ValueError):
+        return None
+    return None if eod is None else int(eod)
+
+
+# ---------------------------------------------------------------------------------------------------- input
+
 
 
 def discover_inputs(path: str) -> tuple[str, list[str]]:
@@ -134,8 +315,10 @@ def _fields(location: str, line: str, json_keys: Sequence[str]) -> dict:
 class _Encoder:
     """Turns one input item into per-key token arrays; one instance per worker process."""
 
-    def __init__(self, tokenizer: TextTokenizer, kind: str, json_keys: Sequence[str], append_eod: bool, dtype):
+    def __init__(self, tokenizer, kind: str, json_keys: Sequence[str], append_eod: bool, dtype):
         self.tokenizer = tokenizer
+        self.vocab_size = int(tokenizer.vocab_size)
+        self.eod = _eod(tokenizer)
         self.kind = kind
         self.json_keys = list(json_keys)
         self.append_eod = append_eod
@@ -162,19 +345,19 @@ class _Encoder:
                 if not part:
                     continue
                 try:
-                    part_ids = self.tokenizer.tokenize(part)
-                except ValueError as error:
+                    part_ids = list(self.tokenizer.tokenize(part))
+                except (ValueError, TypeError) as error:
                     raise ValueError(f"{location}: field {key!r} cannot be tokenized ({error})") from None
                 if part_ids:
                     ids.extend(part_ids)
                     lengths.append(len(part_ids))
             if ids and self.append_eod:
-                ids.append(self.tokenizer.eod)
+                ids.append(self.eod)
                 lengths[-1] += 1
             array = numpy.asarray(ids, dtype=numpy.int64)
-            if array.size and (array.min() < 0 or array.max() >= self.tokenizer.vocab_size):
+            if array.size and (array.min() < 0 or array.max() >= self.vocab_size):
                 raise ValueError(
-                    f"{location}: field {key!r} has token ids outside [0, {self.tokenizer.vocab_size}) "
+                    f"{location}: field {key!r} has token ids outside [0, {self.vocab_size}) "
                     f"(min {array.min()}, max {array.max()})"
                 )
             encoded[key] = (array.astype(self.dtype), lengths)
@@ -184,9 +367,9 @@ class _Encoder:
 _WORKER_ENCODER: Optional[_Encoder] = None
 
 
-def _init_worker(tokenizer_args: tuple, kind: str, json_keys: list, append_eod: bool, dtype) -> None:
+def _init_worker(tokenizer_args: argparse.Namespace, kind: str, json_keys: list, append_eod: bool, dtype) -> None:
     global _WORKER_ENCODER
-    _WORKER_ENCODER = _Encoder(build_tokenizer(*tokenizer_args), kind, json_keys, append_eod, dtype)
+    _WORKER_ENCODER = _Encoder(build_tokenizer(tokenizer_args), kind, json_keys, append_eod, dtype)
 
 
 def _encode_in_worker(item: tuple[str, str]) -> tuple[dict, int]:
@@ -194,7 +377,7 @@ def _encode_in_worker(item: tuple[str, str]) -> tuple[dict, int]:
 
 
 def _pool_context():
-    # fork: workers start at once without re-importing torch / Megatron-Core; spawn where fork is unavailable.
+    # fork: workers start at once without re-importing torch / Megatron; spawn where fork is unavailable.
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if "fork" in methods else None)
 
@@ -202,9 +385,7 @@ def _pool_context():
 def preprocess(
     input: str,
     output_prefix: str,
-    tokenizer_type: str,
-    tokenizer_model: Optional[str] = None,
-    vocab_size: Optional[int] = None,
+    tokenizer_args: Union[argparse.Namespace, Sequence[str]],
     json_keys: Sequence[str] = ("text",),
     append_eod: bool = False,
     workers: int = 1,
@@ -216,7 +397,8 @@ def preprocess(
     Args:
         input: a .jsonl[.gz] or .txt file, or a directory of either (see the module docstring).
         output_prefix: path prefix of the outputs; its directory is created if missing.
-        tokenizer_type, tokenizer_model, vocab_size: as `megatron_tst.training.tokenizer.build_tokenizer`.
+        tokenizer_args: Megatron-LM's tokenizer flags, as `parse_tokenizer_args`' namespace or as the flags
+            (e.g. ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "data/demo/tokenizer"]).
         json_keys: the JSON fields to tokenize (.txt input: exactly one key, which names the output).
         append_eod: append the tokenizer's eod id to each non-empty document.
         workers: tokenizing processes; 1 tokenizes in this process.
@@ -228,9 +410,10 @@ def preprocess(
         documents / output paths, bytes read and seconds.
 
     Raises:
-        FileNotFoundError, ValueError: bad input, tokenizer, or arguments; raised before any output is
-        written when detectable up front (missing input, tokenizer problems, a bad first JSON record),
-        else on the offending record, with its file:line, after removing the partial outputs.
+        FileNotFoundError, ValueError: bad input, tokenizer flags, or arguments; raised before any output is
+        written when detectable up front (missing input, tokenizer problems, --append-eod without an eod id,
+        a bad first JSON record), else on the offending record, with its file:line, after removing the partial
+        outputs.
     """
     start = time.time()
     json_keys = list(json_keys)
@@ -241,12 +424,17 @@ def preprocess(
     kind, files = discover_inputs(input)
     if kind == "txt" and len(json_keys) != 1:
         raise ValueError("--input of .txt files is one text per document: give exactly one --json-keys key")
-    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
+    tokenizer_args = _as_namespace(tokenizer_args)
+    tokenizer = build_tokenizer(tokenizer_args)
+    eod = _eod(tokenizer)
+    if append_eod and (eod is None or not 0 <= eod < tokenizer.vocab_size):
+        raise ValueError(f"--append-eod: the tokenizer has no end-of-document id in [0, {tokenizer.vocab_size}) "
+                         f"(eod {eod}; a HuggingFaceTokenizer's is the eos_token of its tokenizer_config.json)")
     if kind == "jsonl":
         _check_first_record(files, json_keys)
 
     with warnings.catch_warnings():  # megatron.core's import-time notices about Transformer Engine / Apex
-        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
+        warnings.simplefilter("ignore")
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
@@ -265,7 +453,6 @@ def preprocess(
             encoder = _Encoder(tokenizer, kind, json_keys, append_eod, dtype)
             encoded_docs = map(encoder.encode, items)
         else:
-            tokenizer_args = (tokenizer_type, tokenizer_model, vocab_size)
             pool = _pool_context().Pool(
                 workers, initializer=_init_worker, initargs=(tokenizer_args, kind, json_keys, append_eod, dtype)
             )
@@ -309,9 +496,10 @@ def preprocess(
         "files": len(files),
         "records": count,
         "bytes": total_bytes,
-        "tokenizer": repr(tokenizer),
-        "vocab_size": tokenizer.vocab_size,
-        "eod": tokenizer.eod,
+        "tokenizer": describe_tokenizer(tokenizer_args, tokenizer),
+        "tokenizer_type": tokenizer_args.tokenizer_type,
+        "vocab_size": int(tokenizer.vocab_size),
+        "eod": eod,
         "append_eod": append_eod,
         "dtype": numpy.dtype(dtype).name,
         "keys": {key: dict(stats[key], bin=paths[key][0], idx=paths[key][1]) for key in json_keys},
@@ -336,13 +524,8 @@ def format_summary(summary: dict) -> str:
 
 
 def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse the command line (Megatron-LM's flag names)."""
+    """Parse the command line: this tool's flags (Megatron-LM's tool's names) and Megatron-LM's tokenizer group."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    group.add_argument("--tokenizer-model", default=None,
-                       help="tokenizer.json (or its directory) / sentencepiece .model")
-    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer's vocabulary size")
     group = parser.add_argument_group("input data")
     group.add_argument("--input", required=True, help=".jsonl[.gz] or .txt file, or a directory of them")
     group.add_argument("--json-keys", nargs="+", default=["text"],
@@ -355,6 +538,7 @@ def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizing processes (1: in-process)")
     group.add_argument("--log-interval", type=int, default=1000, help="progress every N documents")
+    add_tokenizer_arguments(parser)  # Megatron-LM's "tokenizer" group: --tokenizer-type, --tokenizer-model, ...
     return parser.parse_args(argv)
 
 
@@ -365,9 +549,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary = preprocess(
             input=args.input,
             output_prefix=args.output_prefix,
-            tokenizer_type=args.tokenizer_type,
-            tokenizer_model=args.tokenizer_model,
-            vocab_size=args.vocab_size,
+            tokenizer_args=args,
             json_keys=args.json_keys,
             append_eod=args.append_eod,
             workers=args.workers,

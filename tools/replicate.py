@@ -94,7 +94,8 @@ def common_flags(args, data_prefix: str, tokenizer: str, cache: str) -> list:
         --group-query-attention --num-query-groups {args.kv_groups}
         --position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear
         --untie-embeddings-and-output-weights --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02
-        --seq-length {args.seq_length} --micro-batch-size {args.micro_batch} --global-batch-size {args.global_batch}
+        --seq-length {args.seq_length} --max-position-embeddings {args.seq_length}
+        --micro-batch-size {args.micro_batch} --global-batch-size {args.global_batch}
         --train-iters {args.steps} --lr {args.lr} --min-lr {args.min_lr} --lr-warmup-iters {warmup}
         --lr-decay-style WSD --lr-wsd-decay-style linear --lr-wsd-decay-iters {decay}
         --optimizer adam --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0 --seed {args.seed}
@@ -110,7 +111,7 @@ def run_commands(args) -> dict:
     """{name: argv} of the baseline and the TST run: identical but for the number of superposition steps (the
     baseline has none; both give the bag size and layout, so both read the same data stream)."""
     data_prefix = os.path.join(args.data_dir, "demo_text_document")
-    shared = common_flags(args, data_prefix, os.path.join(args.data_dir, "tokenizer.json"),
+    shared = common_flags(args, data_prefix, os.path.join(args.data_dir, "tokenizer"),
                           os.path.join(args.out, "cache"))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                 "-m", "megatron_tst.pretrain"]
@@ -130,7 +131,7 @@ def is_finished(path: str, steps: int) -> bool:
 
 def ensure_data(data_dir: str) -> None:
     """Build the demo corpus, tokenizer and indexed dataset when they are missing."""
-    needed = ("demo_text_document.bin", "demo_text_document.idx", "tokenizer.json")
+    needed = ("demo_text_document.bin", "demo_text_document.idx", os.path.join("tokenizer", "tokenizer.json"))
     if all(os.path.exists(os.path.join(data_dir, name)) for name in needed):
         return
     print(f"building the demo data in {data_dir}", flush=True)

@@ -19,7 +19,8 @@ measured to need each one is in `shared/MCORE_ON_CPU.md`.
 |                                    | `Tensor.type() == 'torch.cuda.FloatTensor'` checks (clip_grads.py:167,|
 |                                    | distrib_optimizer.py:431)                                             |
 | device RNG = CPU default generator | tensor_parallel/random.py:235 (`add`), :248 (`fork`), :55/:72         |
-|                                    | (`_get/_set_cuda_rng_state`, also activation recompute)               |
+|                                    | (`_get/_set_cuda_rng_state`, also activation recompute); a GPU        |
+|                                    | checkpoint's 16-byte CUDA states are not loaded into it (warned once) |
 | inert streams/events, no-op sync   | moe/token_dispatcher.py:445/871, p2p_communication.py:398,            |
 |                                    | dist_checkpointing/strategies/filesystem_async.py:230                 |
 | `moe_utils.te_general_gemm = None` | moe/moe_utils.py:1192 (NameError without Transformer Engine)          |
@@ -27,6 +28,31 @@ measured to need each one is in `shared/MCORE_ON_CPU.md`.
 |                                    | the all-to-all split sizes only for CUDA tensors; all_to_all_single   |
 |                                    | then rejects tensor split sizes, mappings.py:447)                     |
 | torch norms accept sequence par.   | transformer/torch_norm.py:32 (the local spec's norm without apex)     |
+
+Megatron-LM's loop (`megatron/training/`, `install_loop_stand_ins`; 0.17-0.19 line numbers of 0.19.2):
+
+| stand-in                           | covers                                                                |
+|------------------------------------|-----------------------------------------------------------------------|
+| `initialize_megatron(allow_no_     | training/initialize.py:64 asserts CUDA (`pretrain` does not pass      |
+| cuda=True)`, `device_count() = 1`  | allow_no_cuda); :270/:447 set up the model-parallel groups and the RNG|
+| while it runs                      | tracker only when a CUDA device exists                                |
+| `get_device_arch_version() = 9`    | training/arguments.py:1413 (TP or CP > 1): the CUDA_DEVICE_MAX_       |
+|                                    | CONNECTIONS rule of Hopper and older GPUs                             |
+| the JIT warm-up keeps the CPU RNG  | training/initialize.py:497 `_warmup_jit_function` draws `torch.rand`  |
+| state (`torch.random.fork_rng`)    | tensors of ffn/TP elements "on CUDA", here from the CPU generator     |
+|                                    | that also initialises the weights (--use-cpu-initialization): the     |
+|                                    | initial weights would depend on TP (on GPUs it draws from the CUDA    |
+|                                    | generator, apart from the initialisation streams)                     |
+| the data loaders draw their seed   | torch's DataLoader seeds its iterator from the default CPU generator, |
+| from their own generator           | which here is also the "CUDA" generator of dropout: building the      |
+|                                    | loaders after a checkpoint load (training.py, `build_train_valid_     |
+|                                    | test_data_iterators`) would shift dropout's stream at a resume        |
+| `get_device_capability() = (9, 0)` | training/arguments.py:1339 (--moe-grouped-gemm), only while           |
+|                                    | tools/plan.py validates a GPU command line                            |
+|                                    | (`device_capability_stand_in`)                                        |
+| CPU defaults of Megatron-LM flags  | `cpu_argument_defaults`: what cannot run here is off by default       |
+|                                    | (fused kernels, persistent layer norm, Transformer Engine, NCCL),     |
+|                                    | CPU initialisation on; a flag given on the command line still wins    |
 
 Not patches but settings the caller must choose on CPU (see `cpu_config_overrides`): `batch_p2p_comm=False`
 (gloo's batch_isend_irecv mispairs the interleaved schedule's exchanges: measured wrong activations for
@@ -217,6 +243,15 @@ def _patch_streams_and_sync() -> None:
 # RNG: the "device generator" of megatron's RNG tracker is the CPU default generator
 
 
+_warned = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger(__name__).warning(message)
+
+
 def _patch_rng() -> None:
     """Point megatron's CUDA RNG plumbing at the CPU default generator.
 
@@ -230,12 +265,20 @@ def _patch_rng() -> None:
     def get_state(device="cuda", clone=False, graph_safe=False):
         return torch.get_rng_state()
 
-    def set_state(new_state, device=-1, graph_safe=False):
+    def set_cpu_state(new_state):
+        # A GPU checkpoint's CUDA (Philox) states are 16 bytes, not the CPU generator's: keep the CPU stream.
+        if new_state.numel() != torch.get_rng_state().numel():
+            _warn_once("a checkpoint's CUDA RNG states (written on a GPU) cannot drive the CPU generator: the CPU "
+                       "run keeps its own dropout stream")
+            return
         torch.set_rng_state(new_state)
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        set_cpu_state(new_state)
 
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
-    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": set_cpu_state(new_state)
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     mcore_random._get_cuda_rng_state = get_state
     mcore_random._set_cuda_rng_state = set_state
@@ -301,3 +344,107 @@ def _patch_torch_norm_sequence_parallel() -> None:
         return norm
 
     torch_norm.WrappedTorchNorm.__new__ = new
+
+
+# --------------------------------------------------------------------------------------------------
+# Megatron-LM's loop on CPU
+
+# Megatron-LM flag defaults on a machine without CUDA (argparse dests; a flag on the command line still wins):
+# the fused kernels and persistent layer norm need CUDA (torch_norm.py asserts on persist_layer_norm), Transformer
+# Engine and NCCL are absent, and CPU initialisation makes the weights independent of the parallel layout.
+CPU_ARGUMENT_DEFAULTS = {
+    "transformer_impl": "local", "distributed_backend": "gloo", "use_cpu_initialization": True,
+    "no_persist_layer_norm": True, "gradient_accumulation_fusion": False, "masked_softmax_fusion": False,
+    "bias_gelu_fusion": False, "bias_swiglu_fusion": False, "bias_dropout_fusion": False,
+    "apply_rope_fusion": False, "gradient_reduce_div_fusion": False,
+}
+
+
+def cpu_argument_defaults(parser) -> None:
+    """On a machine without CUDA, set `CPU_ARGUMENT_DEFAULTS` as the defaults of Megatron-LM's parser (those of
+    its dests this release has). No-op with CUDA."""
+    if cuda_available():
+        return
+    dests = {action.dest for action in parser._actions}
+    parser.set_defaults(**{dest: value for dest, value in CPU_ARGUMENT_DEFAULTS.items() if dest in dests})
+
+
+def install_loop_stand_ins() -> bool:
+    """Apply `enable()` and the stand-ins Megatron-LM's loop needs on CPU (module docstring), once per process.
+    Returns False and changes nothing when CUDA is available."""
+    if not enable():
+        return False
+    global _loop_installed
+    with _lock:
+        if _loop_installed:
+            return True
+        from megatron.training import arguments, initialize, training
+
+        wrapped = _initialize_without_cuda(initialize.initialize_megatron)
+        initialize.initialize_megatron = wrapped
+        training.initialize_megatron = wrapped
+        arguments.get_device_arch_version = lambda: 9  # Hopper: the rules of the GPUs our users run
+        initialize._warmup_jit_function = _keeping_cpu_rng(initialize._warmup_jit_function)
+        training.build_pretraining_data_loader = _own_seed_generator(training.build_pretraining_data_loader)
+        _loop_installed = True
+    return True
+
+
+_loop_installed = False
+
+
+def _initialize_without_cuda(original):
+    import functools
+
+    @functools.wraps(original)
+    def initialize_megatron(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        count = torch.cuda.device_count
+        torch.cuda.device_count = lambda: 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.cuda.device_count = count
+
+    return initialize_megatron
+
+
+def _keeping_cpu_rng(original):
+    import functools
+
+    @functools.wraps(original)
+    def keeping(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return original(*args, **kwargs)
+
+    return keeping
+
+
+def _own_seed_generator(original):
+    import functools
+
+    @functools.wraps(original)
+    def build_pretraining_data_loader(dataset, consumed_samples):
+        loader = original(dataset, consumed_samples)
+        if isinstance(loader, torch.utils.data.DataLoader) and loader.generator is None:
+            loader.generator = torch.Generator().manual_seed(int(consumed_samples))
+        return loader
+
+    return build_pretraining_data_loader
+
+
+@contextlib.contextmanager
+def device_capability_stand_in():
+    """Within, on a machine without CUDA: `torch.cuda.get_device_capability()` answers Hopper's (9, 0), the GPUs a
+    plan is for, as `install_loop_stand_ins` answers `get_device_arch_version` (Megatron-LM's `validate_args` asks it
+    for --moe-grouped-gemm: training/arguments.py, 0.17.1:1144, 0.19.2:1339). For tools/plan.py, which validates
+    GPU command lines; not for training (grouped GEMMs need a GPU). Nothing changes on a machine with CUDA."""
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.cuda.get_device_capability
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
+    try:
+        yield
+    finally:
+        torch.cuda.get_device_capability = original

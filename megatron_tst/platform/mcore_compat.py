@@ -1,49 +1,41 @@
-"""Every difference between the Megatron-Core releases we support, and every bend of its internals, in one place.
+"""Every difference between the Megatron-Core releases we support, and every bend of Megatron-Core's internals.
 
-Supported: megatron-core 0.16.1 (the development pin) and 0.17-0.19 (NGC containers); CI runs the whole test
-suite on 0.16.1 and 0.19.2. Each switch below is keyed on the release that introduced the change, so 0.17/0.18
-take the matching branch. Everything else in megatron-tst calls Megatron-Core through public APIs, with
-keywords only (0.19 inserted positional parameters in the middle of several signatures, e.g.
-`parallel_state.initialize_model_parallel`'s `gtp_remat_size`).
+Supported: megatron-core 0.17, 0.18 and 0.19 (what NGC containers ship; Python 3.12 there), through the wheel's
+`megatron.training` or a Megatron-LM checkout on PYTHONPATH; CI runs the whole suite on 0.17.1 and 0.19.2 (their
+cp311 wheels run on this machine's Python 3.11). Each switch below is keyed on what the release has, so 0.18 takes
+the matching branch. Everything else in megatron-tst calls Megatron through public APIs, with keywords only.
+Bends of Megatron-LM's loop are in `platform/megatron_lm.py`, CPU stand-ins in `platform/cpu.py`.
 
-| what                                        | versions         | call site (below `megatron/core/`)          | here                    | can go when                          |
-|---------------------------------------------|------------------|---------------------------------------------|-------------------------|--------------------------------------|
-| common state in `common.pt`; `save`/`load`  | <= 0.18          | dist_checkpointing/serialization.py         | `save_sharded`,         | 0.16-0.18 support ends: call         |
-| take a `common_strategy`; 0.19 keeps it in  | 0.19: in shards, | (`save`, `load`, `load_common_state_dict`), | `load_sharded`,         | `dist_checkpointing.save/load`       |
-| the shards (`common_state` object) and      | no strategies.   | strategies/common.py                        | `read_common_state`     | directly (keep the safe unpickling)  |
-| drops `TorchCommonLoadStrategy`             | base             |                                             |                         |                                      |
-| sharded objects (RNG state, common state)   | all              | torch's DefaultLoadPlanner.load_bytes via   | `_SafeLoadPlanner`,     | megatron-core loads sharded objects  |
-| unpickled with `weights_only=False`         |                  | strategies/torch.py `MCoreLoadPlanner`      | `safe_sharded_objects`  | with `weights_only=True`             |
-| classes of a newer release in a checkpoint  | 0.16 reading     | safe_globals.py allow-list                  | `safe_torch_load`       | never (forward compatibility)        |
-| (0.19's enums inside `args`)                | 0.19's           |                                             |                         |                                      |
-| distributed optimizer with torch Adam (no   | 0.16.1-0.19.2    | optimizer/distrib_optimizer.py: assert on a | `prepare_torch_adam_`,  | fixed upstream (apex/TE Adam, the    |
-| apex/TE): fresh-optimizer assert, one `step`|                  | fresh optimizer, shared `step` tensor,      | `fully_reshardable_`,   | GPU default, never hits them)        |
-| for all params, KeyError 'step'             |                  | KeyError in `_set_main_param_and_...`       | `untie_adam_steps`      |                                      |
-| torch_dist file writes: 0.16 forks a writer | 0.16.1 (forks);  | dist_checkpointing/strategies/              | `save_sharded`,         | Megatron-Core writes in process when |
-| per file (orphaned by kill -9; a dead one   | both (Manager    | filesystem_async.py (`write_preloaded_data_ | `in_process_checkpoint_ | a save is synchronous                |
-| hangs the trainer); results via a spawned   | results queue)   | multiproc`, `_get_write_results_queue`)     | writes`                 |                                      |
-| Manager queue                               |                  |                                             |                         |                                      |
-| MoE balancing-loss gradient divided by      | < 0.19           | transformer/moe/router.py                   | `moe_aux_loss_grad_     | 0.16-0.18 support ends               |
-| TP x CP under --calculate-per-token-loss    |                  |                                             | scales_with_tp`         |                                      |
-| `NullTokenizer(n)`: n-1 ids + eod (<= 0.17) | 0.18 changed it  | tokenizers/text/libraries/null_tokenizer.py | `null_tokenizer`        | 0.16/0.17 support ends               |
-| vs n ids, eod n-1 (>= 0.18)                 |                  |                                             |                         |                                      |
-| `get_batch_on_this_cp_rank` gained a        | 0.18; 0.19       | utils.py                                    | `batch_on_this_cp_rank` | 0.16/0.17 support ends (keep passing |
-| required `is_hybrid_cp`; without `cp_group` | (world group)    |                                             |                         | the CP group)                        |
-| 0.19 slices over the *world* group          |                  |                                             |                         |                                      |
-| kernel fusions: compiled softmax extension  | all              | transformer/dot_product_attention.py,       | `kernel_fusion_settings`| never (a property of the machine)    |
-| and torch.compile'd bias fusions exist only |                  | fusions/, jit.py                            |                         |                                      |
-| where they can run                          |                  |                                             |                         |                                      |
-| MoE router-loss tracker: a dict in moe_utils| 0.19 moved it    | transformer/moe/moe_logging.py              | `reset_moe_metrics_     | 0.16-0.18 support ends               |
-| (<= 0.18), `MoEMetricsTracker` (0.19)       |                  |                                             | tracker`                |                                      |
-| `LanguageModelEmbedding.forward`, which     | μP scaling from  | models/common/embeddings/                   | `check_embedding_       | `superposed_embedding` mirrors μP    |
-| `superposed_embedding` mirrors (0.16.1's);  | 0.17 (`use_mup`) | language_model_embedding.py                 | mirrored`               |                                      |
-| 0.17+ scales by μP when `use_mup` is set    |                  |                                             |                         |                                      |
+| what                                        | versions          | call site (below `megatron/`)               | here                    | can go when                          |
+|---------------------------------------------|-------------------|---------------------------------------------|-------------------------|--------------------------------------|
+| `pretrain()` parses the command line itself | 0.17              | training/training.py `pretrain`,            | `pretrain`,             | 0.17 support ends                    |
+| and takes `extra_args_provider`; 0.18 takes | 0.18: model_      | training/arguments.py                       | `initialize`            |                                      |
+| a config container built from               | provider 3rd;     | `parse_and_validate_args`,                  |                         |                                      |
+| `parse_and_validate_args`' args; 0.19 moves | 0.19: keyword     | training/argument_utils.py                  |                         |                                      |
+| `model_provider` to a keyword               |                   | `pretrain_cfg_container_from_args`          |                         |                                      |
+| sharded objects (RNG state, common state)   | all               | torch's DefaultLoadPlanner.load_bytes via   | `_SafeLoadPlanner`,     | megatron-core loads sharded objects  |
+| unpickled with `weights_only=False`         |                   | core/dist_checkpointing/strategies/torch.py | `install_safe_sharded_  | with `weights_only=True`             |
+|                                             |                   | `MCoreLoadPlanner`                          | object_loading`         |                                      |
+| common state in `common.pt` (<= 0.18) or in | 0.19: in shards   | core/dist_checkpointing/serialization.py    | `read_common_state`     | never (reads both layouts)           |
+| the shards (`common_state` object, 0.19);   | (0.19 reads both; | `load_common` (called by `load` and         | `install_common_state_  | 0.18 support ends                    |
+| Megatron-LM <= 0.18 reads `common.pt` only  | <= 0.18 common.pt)| `load_common_state_dict`)                   | fallback`               |                                      |
+| classes of a newer release in a checkpoint  | older reading     | core/safe_globals.py allow-list             | `safe_torch_load`       | never (forward compatibility)        |
+| (0.19's enums inside `args`)                | newer             |                                             |                         |                                      |
+| distributed optimizer with torch Adam (no   | 0.17-0.19         | core/optimizer/distrib_optimizer.py: assert | `prepare_torch_adam_`,  | fixed upstream (apex/TE Adam, the    |
+| apex/TE): fresh-optimizer assert, one `step`|                   | on a fresh optimizer, shared `step` tensor, | `fully_reshardable_`,   | GPU default, never hits them)        |
+| for all params, KeyError 'step'             |                   | KeyError in `_set_main_param_and_...`       | `untie_adam_steps`      |                                      |
+| `get_batch_on_this_cp_rank` gained a        | 0.18; 0.19        | core/utils.py                               | `batch_on_this_cp_rank` | 0.17 support ends (keep passing the  |
+| required `is_hybrid_cp`; without `cp_group` | (world group)     |                                             |                         | CP group)                            |
+| 0.19 slices over the *world* group          |                   |                                             |                         |                                      |
+| MoE router-loss tracker: a dict in moe_utils| 0.19 moved it     | core/transformer/moe/moe_logging.py         | `reset_moe_metrics_     | 0.17/0.18 support ends               |
+| (<= 0.18), `MoEMetricsTracker` (0.19)       |                   |                                             | tracker`                |                                      |
+| `LanguageModelEmbedding.forward`, which     | μP scaling from   | core/models/common/embeddings/              | `check_embedding_       | `superposed_embedding` mirrors μP    |
+| `superposed_embedding` mirrors; 0.17+ scales| 0.17 (`use_mup`)  | language_model_embedding.py                 | mirrored`               |                                      |
+| by μP when `use_mup` is set                 |                   |                                             |                         |                                      |
+| GPT layer-spec functions' keywords (0.18    | 0.17-0.19         | core/models/gpt/gpt_layer_specs.py          | `layer_spec_kwargs`     | never (each release's own keywords)  |
+| added `use_grouped_gemm_for_dense_mlp`)     |                   |                                             |                         |                                      |
 
-Also handled without a switch (both sides accept the same keywords): the GPT layer-spec functions (0.17 dropped
-`moe_use_legacy_grouped_gemm`, 0.19 made them wrappers over `get_gpt_layer_*_submodules`; we pass only
-`qk_layernorm`/`normalization`), `DistributedDataParallelConfig` (0.19 dropped `preserve_fp32_weights`; never
-passed), `init_num_microbatches_calculator` (keywords; the rampup class was renamed in 0.18; no rampup is used).
-`GPTModel` logs "GPTModel IS DEPRECATED" once per build on 0.19 (models/gpt/gpt_model.py:118); it keeps working
+`GPTModel` logs "GPTModel IS DEPRECATED" once per build on 0.19 (core/models/gpt/gpt_model.py); it keeps working
 and its checkpoints are Megatron-LM's GPT checkpoints, which is what TST must stay interchangeable with.
 """
 
@@ -51,16 +43,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import inspect
 import io
 import os
 import re
-import shutil
 
 import megatron.core
 import torch
-from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 from packaging.version import Version
@@ -69,6 +58,7 @@ MCORE_VERSION = Version(Version(megatron.core.__version__.split("+")[0]).base_ve
 # 0.19 writes the common state inside the shards and has no common strategies.
 COMMON_STATE_IN_SHARDS = MCORE_VERSION >= Version("0.19")
 COMMON_STATE_FNAME = "common.pt"  # megatron-core <= 0.18 (strategies/common.py)
+OLDEST_SUPPORTED = Version("0.17")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -121,7 +111,7 @@ def safe_torch_load(source, map_location="cpu"):
     raise RuntimeError("too many unknown classes in a checkpoint object")
 
 
-class _SafeLoadPlanner(torch_strategy.MCoreLoadPlanner):
+class _SafeLoadPlanner(torch_strategy.MCoreLoadPlanner):  # the class, before install_... replaces the name
     """Megatron's load planner, unpickling sharded objects with `safe_torch_load` instead of weights_only=False."""
 
     def load_bytes(self, read_item, value):
@@ -134,16 +124,31 @@ class _SafeLoadPlanner(torch_strategy.MCoreLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-@contextlib.contextmanager
-def safe_sharded_objects():
-    """Within: megatron's torch_dist loader uses `_SafeLoadPlanner` (strategies/torch.py looks the planner class
-    up at call time, in every supported release)."""
-    original = torch_strategy.MCoreLoadPlanner
+def install_safe_sharded_object_loading() -> None:
+    """From now on in this process, Megatron's torch_dist loader unpickles sharded objects with `safe_torch_load`
+    (strategies/torch.py looks `MCoreLoadPlanner` up at call time in every supported release). Idempotent."""
     torch_strategy.MCoreLoadPlanner = _SafeLoadPlanner
-    try:
-        yield
-    finally:
-        torch_strategy.MCoreLoadPlanner = original
+
+
+def install_common_state_fallback() -> None:
+    """On releases whose loader reads the common state from `common.pt` only (<= 0.18), read a checkpoint without
+    one (written by 0.19: the `common_state` sharded object) with `read_common_state`. Megatron-LM's
+    `load_checkpoint` reaches it through `dist_checkpointing.load_common_state_dict` and `dist_checkpointing.load`,
+    which both call `serialization.load_common` (a module global, looked up at call time). No-op where the
+    release reads both layouts (0.19: `_legacy_common_state_exists`). Idempotent."""
+    from megatron.core.dist_checkpointing import serialization
+
+    original = serialization.load_common
+    if hasattr(serialization, "_legacy_common_state_exists") or getattr(original, "reads_common_state", False):
+        return
+
+    def load_common(checkpoint_dir):
+        if os.path.exists(os.path.join(str(checkpoint_dir), COMMON_STATE_FNAME)):
+            return original(checkpoint_dir)
+        return read_common_state(str(checkpoint_dir))
+
+    load_common.reads_common_state = True
+    serialization.load_common = load_common
 
 
 def read_common_state(checkpoint_dir: str) -> dict:
@@ -165,135 +170,6 @@ def read_common_state(checkpoint_dir: str) -> dict:
     if isinstance(loaded, io.BytesIO):
         loaded = safe_torch_load(loaded)
     return loaded[0] if isinstance(loaded, list) else loaded
-
-
-# --------------------------------------------------------------------------------------------------------------
-# dist_checkpointing save / load
-
-
-def save_sharded(sharded_state_dict: dict, checkpoint_dir: str, *, content_metadata: dict) -> None:
-    """`dist_checkpointing.save` in the torch_dist format, in the layout the running release writes
-    (`common.pt` on <= 0.18, the common state inside the shards on 0.19), synchronously, its files written by
-    this process (`in_process_checkpoint_writes`). A failed write raises on every rank (Megatron-Core's
-    `CheckpointException`, a BaseException, on the coordinator)."""
-    strategy = torch_strategy.TorchDistSaveShardedStrategy(backend="torch_dist", version=1)
-    with in_process_checkpoint_writes():
-        dist_checkpointing.save(sharded_state_dict, checkpoint_dir, sharded_strategy=strategy,
-                                validate_access_integrity=True, content_metadata=content_metadata)
-
-
-# Checkpoint files written by the calling process: no writer process can outlive or hang the trainer.
-#
-# Megatron-Core's torch_dist save (`TorchDistSaveShardedStrategy.save` = `async_save(...).execute_sync()`) hands
-# its write buckets to `FileSystemWriterAsync`, which
-# - in 0.16.1 forks one writer process per bucket (`write_preloaded_data_multiproc`) and waits on a
-#   `JoinableQueue` for them: a writer that dies (SIGKILL; `_process_memory()` without psutil, outside the
-#   writer's try) leaves the trainer waiting forever, and a trainer killed with SIGKILL leaves its forked writers
-#   orphaned and blocked (1 kill in 8 in issue 13's trial);
-# - in 0.16.1 and 0.19.2 collects results through a `multiprocessing.Manager().Queue()`: a spawned server process
-#   per trainer (and tens of seconds of start-up on a busy host); 0.19 writes with threads.
-# Megatron-LM saves synchronously unless `--async-save` (ignored here). So the buckets are written one after
-# another in the calling thread with Megatron-Core's own `FileSystemWriterAsync.write_preloaded_data`, results
-# through a `queue.Queue`; a failing write comes back as the writer's exception, which Megatron-Core's finalisation
-# (a gather every rank takes part in) raises on every rank.
-
-
-def write_buckets_in_process(transform_list: list, rank: int, write_buckets: list, global_results_queue) -> None:
-    """Write each bucket with `FileSystemWriterAsync.write_preloaded_data`, in this thread.
-
-    Puts {bucket index: [WriteResult]} (or the first failing bucket's exception) into `global_results_queue`,
-    as `write_preloaded_data_multiproc` (0.16) / `_multithread` (0.19) do. Never raises for a write error.
-    """
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
-    results = {}
-    for index, bucket in enumerate(write_buckets):
-        local_results, count = queue.Queue(), queue.Queue()
-        count.put(index)
-        try:
-            output = FileSystemWriterAsync.write_preloaded_data(
-                transform_list, local_proc_idx=index, write_bucket=bucket, results_queue=local_results,
-                count_queue=count, use_fsync=True)
-            if output is None:  # 0.16.1 reports through the queue only (0.19 also returns it)
-                output = local_results.get_nowait()
-        except Exception as err:  # raised outside write_preloaded_data's own try (e.g. psutil missing)
-            output = (index, err)
-        _, value = output
-        if isinstance(value, Exception):
-            global_results_queue.put(value)
-            return
-        results[index] = value
-    global_results_queue.put(results)
-
-
-@contextlib.contextmanager
-def in_process_checkpoint_writes():
-    """Within: Megatron-Core's torch_dist save strategy writes its files in the calling process (see above).
-
-    The strategy looks `FileSystemWriterAsync` up at call time (see below); the results queue is the writer
-    module's cached one (`_results_queue`, created on first use unless already set: set it to a `queue.Queue`).
-    """
-    import queue
-    from functools import partial
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    class InProcessFileSystemWriter(filesystem_async.FileSystemWriterAsync):
-        def get_save_function_and_args(self):
-            function, stage, args = super().get_save_function_and_args()
-            if function is None:
-                return function, stage, args
-            transform_list = [self.transforms] if hasattr(self, "transforms") else []
-            return partial(write_buckets_in_process, transform_list), stage, args
-
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-    # 0.16 names the writer class in strategies/torch.py (imported at module load); 0.19 imports it from
-    # filesystem_async at each save (`_import_mcore_async`)
-    modules = [m for m in (torch_strategy, filesystem_async) if hasattr(m, "FileSystemWriterAsync")]
-    originals = [m.FileSystemWriterAsync for m in modules]
-    for module in modules:
-        module.FileSystemWriterAsync = InProcessFileSystemWriter
-    try:
-        yield
-    finally:
-        for module, original in zip(modules, originals):
-            module.FileSystemWriterAsync = original
-
-
-def load_sharded(sharded_state_dict: dict, checkpoint_dir: str) -> dict:
-    """`dist_checkpointing.load` of a checkpoint in either common-state layout, every object unpickled safely.
-
-    Returns the loaded state dict (common state merged in), as `dist_checkpointing.load` does.
-    """
-    strategy = torch_strategy.TorchDistLoadShardedStrategy()
-    with safe_sharded_objects():
-        if not COMMON_STATE_IN_SHARDS:
-            return dist_checkpointing.load(sharded_state_dict, checkpoint_dir, sharded_strategy=strategy,
-                                           common_strategy=_CommonStateLoadStrategy(),
-                                           validate_access_integrity=True)
-        # 0.19 reads the common state itself (serialization.load_common_state_dict, looked up at call time)
-        from megatron.core.dist_checkpointing import serialization
-
-        original = serialization.load_common_state_dict
-        serialization.load_common_state_dict = read_common_state
-        try:
-            return dist_checkpointing.load(sharded_state_dict, checkpoint_dir, sharded_strategy=strategy,
-                                           validate_access_integrity=True)
-        finally:
-            serialization.load_common_state_dict = original
-
-
-if not COMMON_STATE_IN_SHARDS:
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
-
-    class _CommonStateLoadStrategy(TorchCommonLoadStrategy):
-        """0.16-0.18's common strategy, reading either layout safely (`read_common_state`)."""
-
-        def load_common(self, checkpoint_dir):
-            return read_common_state(str(checkpoint_dir))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -366,23 +242,6 @@ def untie_adam_steps(optimizer) -> None:
 # tokenizer, batches, kernels, embedding
 
 
-def null_tokenizer(cls, vocab_size: int):
-    """Megatron-Core's `NullTokenizer` (`cls`) with `vocab_size` ids, the last one the end-of-document id.
-
-    0.18 changed the constructor's meaning (commit c9dfe34, "Enable NullTokenizer for pretraining"): `NullTokenizer(n)`
-    has n ids with eod n-1; before, it had n + 1 ids with eod n.
-    Raises: RuntimeError if the result does not have that shape (an unknown release).
-    """
-    if "eod_id" in inspect.signature(cls.__init__).parameters:  # >= 0.18
-        backend = cls(vocab_size)
-    else:
-        backend = cls(vocab_size - 1)
-    if backend.vocab_size != vocab_size or backend.eod != vocab_size - 1:
-        raise RuntimeError(f"megatron-core {MCORE_VERSION}'s NullTokenizer gave vocab_size={backend.vocab_size}, "
-                           f"eod={backend.eod} for --vocab-size {vocab_size}; expected {vocab_size} and {vocab_size - 1}")
-    return backend
-
-
 def batch_on_this_cp_rank(batch: dict, cp_group) -> dict:
     """Megatron's `get_batch_on_this_cp_rank` (utils.py): the micro-batch's sequence slices of this CP rank.
 
@@ -395,23 +254,6 @@ def batch_on_this_cp_rank(batch: dict, cp_group) -> dict:
     if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
         return get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=cp_group)
     return get_batch_on_this_cp_rank(batch, cp_group=cp_group)
-
-
-def kernel_fusion_settings(*, swiglu: bool, add_bias_linear: bool) -> dict:
-    """TransformerConfig fusion fields: each fused kernel where it can run, else the unfused path.
-
-    Megatron-LM's fusion flags are accepted and ignored; this decides instead. The fused softmax is a compiled
-    CUDA extension (without it Megatron's local attention fails importing it); the bias fusions are
-    torch.compile'd (megatron.core.jit), whose Triton launcher needs CUDA and a C compiler.
-    """
-    on_gpu = torch.cuda.is_available()
-    compiler = bool(shutil.which("cc") or shutil.which("gcc"))
-    return dict(
-        masked_softmax_fusion=on_gpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
-        bias_activation_fusion=on_gpu and compiler and (swiglu or add_bias_linear),
-        bias_dropout_fusion=on_gpu and compiler, apply_rope_fusion=False, persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-    )
 
 
 def check_embedding_mirrored(embedding) -> None:
@@ -449,13 +291,94 @@ def reset_moe_metrics_tracker() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# MoE balancing losses under --calculate-per-token-loss
+# GPT layer specs
 
 
-def moe_aux_loss_grad_scales_with_tp() -> bool:
-    """Whether this release divides the MoE balancing-loss (and z-loss) gradient by TP x CP under
-    --calculate-per-token-loss: before 0.19 the router scales it by its local token count only, while
-    finalize_model_grads divides by the global count, which counts each sequence shard TP x CP times
-    (transformer/moe/router.py `attach_and_log_load_balancing_loss`, `apply_z_loss`; 0.19 multiplies by
-    `tp_cp_group.size()`). The trainer refuses the combination where it does (arguments.py)."""
-    return MCORE_VERSION < Version("0.19")
+def layer_spec_kwargs(function, **candidates) -> dict:
+    """The keywords of `candidates` that this release's layer-spec `function` takes (gpt_layer_specs.py: 0.18 added
+    `use_grouped_gemm_for_dense_mlp`, 0.19 `use_te_op_fuser`); each release's `gpt_builders.py` passes exactly
+    the ones its functions have."""
+    accepted = inspect.signature(function).parameters
+    return {name: value for name, value in candidates.items() if name in accepted}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Megatron-LM's entry: parse + validate, initialize, pretrain
+
+
+def _pretrain_takes_config() -> bool:
+    from megatron.training import training
+
+    return "cfg_container" in inspect.signature(training.pretrain).parameters
+
+
+@contextlib.contextmanager
+def _after_initialize(callback):
+    """Within: Megatron-LM's `initialize_megatron` (as `pretrain` calls it) runs `callback(args)` when it returns."""
+    from megatron.training import get_args, training
+
+    original = training.initialize_megatron
+
+    def initialize_megatron(*args, **kwargs):
+        result = original(*args, **kwargs)
+        callback(get_args())
+        return result
+
+    training.initialize_megatron = initialize_megatron
+    try:
+        yield
+    finally:
+        training.initialize_megatron = original
+
+
+def initialize(*, extra_args_provider, args_defaults: dict, on_validated, get_embedding_ranks=None) -> None:
+    """What `pretrain` does before it builds the model, without training: Megatron-LM's parsing and validation of
+    `sys.argv` with `extra_args_provider`, `on_validated(args)`, `initialize_megatron` (process groups, seeds), in
+    the order `pretrain` has them on this release. For tests and tools that drive Megatron-LM's building blocks
+    (`setup_model_and_optimizer`, `train_step`) themselves."""
+    from megatron.training import get_args
+    from megatron.training import initialize as megatron_initialize
+
+    if _pretrain_takes_config():
+        from megatron.training.arguments import parse_and_validate_args
+
+        on_validated(parse_and_validate_args(extra_args_provider=extra_args_provider, args_defaults=args_defaults))
+        megatron_initialize.initialize_megatron(get_embedding_ranks=get_embedding_ranks)
+    else:
+        megatron_initialize.initialize_megatron(extra_args_provider=extra_args_provider, args_defaults=args_defaults,
+                                                get_embedding_ranks=get_embedding_ranks)
+        on_validated(get_args())
+    if "tp_size" in inspect.signature(megatron_initialize.set_jit_fusion_options).parameters:  # 0.18+
+        megatron_initialize.set_jit_fusion_options(tp_size=get_args().tensor_model_parallel_size)
+    else:
+        megatron_initialize.set_jit_fusion_options()
+
+
+def pretrain(*, train_valid_test_dataset_provider, model_provider, forward_step_func, extra_args_provider,
+             args_defaults: dict, on_validated, get_embedding_ranks=None) -> None:
+    """Megatron-LM's `pretrain` with our providers, as each release's `pretrain_gpt.py` calls it; `on_validated(args)`
+    runs once the command line is parsed and validated, before the model is built (0.18+: before the process
+    groups start; 0.17: right after `initialize_megatron`). In-process restart wraps it as pretrain_gpt.py does."""
+    from megatron.core.enums import ModelType
+    from megatron.training import inprocess_restart, training
+
+    common = dict(train_valid_test_dataset_provider=train_valid_test_dataset_provider, model_provider=model_provider,
+                  model_type=ModelType.encoder_or_decoder, forward_step_func=forward_step_func,
+                  get_embedding_ranks=get_embedding_ranks)
+    if _pretrain_takes_config():
+        import warnings
+
+        from megatron.training.argument_utils import pretrain_cfg_container_from_args
+        from megatron.training.arguments import parse_and_validate_args
+
+        args = parse_and_validate_args(extra_args_provider=extra_args_provider, args_defaults=args_defaults)
+        on_validated(args)
+        with warnings.catch_warnings():  # "use a ModelConfig instead of a model provider": the provider is ours
+            warnings.simplefilter("ignore")
+            config = pretrain_cfg_container_from_args(args)
+        run, store = inprocess_restart.maybe_wrap_for_inprocess_restart(training.pretrain)
+        run(cfg_container=config, store=store, **common)
+        return
+    run, store = inprocess_restart.maybe_wrap_for_inprocess_restart(training.pretrain)
+    with _after_initialize(on_validated):
+        run(extra_args_provider=extra_args_provider, args_defaults=args_defaults, store=store, **common)

@@ -26,16 +26,23 @@ class DistributedFailure(RuntimeError):
     """A worker raised; the message carries its traceback."""
 
 
-def init_worker(rank: int, world_size: int, port: int, layout: Layout, seed: int = 1234,
+def init_worker(rank: int, world_size: int, port: int, layout: Optional[Layout], seed: int = 1234,
                 num_threads: Optional[int] = None) -> None:
-    """Initialise torch.distributed (gloo) + megatron parallel state in this process."""
+    """Initialise torch.distributed (gloo) + megatron parallel state in this process.
+
+    `layout=None`: torch.distributed only, with RANK/WORLD_SIZE/LOCAL_RANK in os.environ, for Megatron-LM's
+    `initialize_megatron` (`megatron_tst.testing.megatron_lm.run_pretrain`), which sets up the parallel state itself.
+    """
     import torch
     import torch.distributed as dist
 
     from megatron_tst.platform import cpu
 
-    # No RANK/WORLD_SIZE/MASTER_* in os.environ: the process group is set up explicitly, and subprocesses
+    # Otherwise no RANK/WORLD_SIZE/MASTER_* in os.environ: the process group is set up explicitly, and subprocesses
     # (e.g. a trainer launched by a test) must not mistake this process's group for theirs.
+    if layout is None:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CUDA_DEVICE_MAX_CONNECTIONS="1")
     if num_threads:
         torch.set_num_threads(num_threads)
     cpu.enable()
@@ -48,7 +55,8 @@ def init_worker(rank: int, world_size: int, port: int, layout: Layout, seed: int
         rank=rank,
         world_size=world_size,
     )
-    relayout(layout, seed)
+    if layout is not None:
+        relayout(layout, seed)
 
 
 def relayout(layout: Layout, seed: int = 1234) -> None:
@@ -65,7 +73,8 @@ def shutdown_worker() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    parallel_state.destroy_model_parallel()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -88,7 +97,7 @@ def _worker(rank, world_size, port, layout, seed, fn, args, kwargs, results):
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
-    layout: Layout = Layout(),
+    layout: Optional[Layout] = Layout(),
     args: Sequence[Any] = (),
     kwargs: Optional[dict] = None,
     seed: int = 1234,
@@ -96,10 +105,11 @@ def run_distributed(
 ) -> list:
     """Run `fn(*args, **kwargs)` on `world_size` gloo ranks; return the per-rank results in rank order.
 
-    `fn` must be importable by name (a module-level function) and its return value picklable.
+    `fn` must be importable by name (a module-level function) and its return value picklable. `layout=None`:
+    torch.distributed only, for Megatron-LM's own initialisation (`init_worker`).
     Raises DistributedFailure with the first failing worker's traceback, or on timeout.
     """
-    if world_size % layout.model_parallel_size():
+    if layout is not None and world_size % layout.model_parallel_size():
         raise ValueError(f"world size {world_size} is not a multiple of tp*pp*cp of {layout}")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()

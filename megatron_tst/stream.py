@@ -1,0 +1,266 @@
+"""The sample stream of a TST run: which tokens Megatron's train sample `i` holds, and in which phase.
+
+Megatron-LM's loop reads the train dataset by global sample index: its `single` sampler
+(`megatron.training.datasets.data_samplers.MegatronPretrainingSampler`) hands data-parallel rank r of a step that
+starts at `consumed_train_samples` = c the indices c + j*mbs*dp + r*mbs + [0, mbs), micro-batch j after micro-batch
+j, and a resume starts the sampler at the checkpoint's consumed samples. So the phase of a sample is a function of
+its index, and the phase switch and every resume follow from Megatron's own bookkeeping:
+
+    sample i <  N_sup: a superposition row, one contiguous window of s*L raw tokens (+1 label token) of the
+                       document stream: window i (bags `tokens.view(L, s)`, next-bag targets [L, s]);
+    sample i >= N_sup: a recovery sample of L tokens: baseline sample b = N_sup*s + (i - N_sup), i.e. piece b % s
+                       of window b // s (tokens [(b % s)*L, (b % s + 1)*L] of that window).
+
+N_sup is what the superposition steps consume: `superposition_steps * global batch size` (with a batch-size
+ramp-up, what Megatron's micro-batch calculator gives those steps). Windows are Megatron's `GPTDataset` samples at
+sequence length s*L (`BlendedMegatronDatasetBuilder`: blends, splits, shuffling, caching all Megatron's): the
+shuffle moves whole windows, and baseline sample b is exactly the L-sample Megatron's unshuffled sample index puts
+at position b % s of window b // s (a sample starts with the token that ends the previous one).
+
+The invariant (tests/test_sample_layout.py): over the run the raw tokens trained on are a prefix of the window
+stream, each once, none skipped, across the switch and any resume; a run with the same data flags and
+`--tst-superposition-ratio 0` (the same-stream baseline of a comparison) reads the same stream sample by sample.
+
+The "segments" layout (`--tst-sample-layout segments`, a deviation from the paper kept for runs that must read a
+stock Megatron-LM baseline's sample order) reads Megatron's stock `GPTDataset` of length L instead: superposition
+row i is the s stock samples [i*s, i*s + s), whose targets never cross a segment boundary, and recovery sample i
+is stock sample N_sup*s + (i - N_sup). Without `--tst-*` flags the train dataset is Megatron's stock one, untouched.
+
+Items are dicts of tensors that torch's default collate stacks into micro-batches (`superposition_item`,
+`stock_item`; a superposition item is recognised by its `tst_targets`), plus `sample_ids`: the baseline samples it
+holds, for `--record-data-stream`, dropped before the model sees the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Optional
+
+import torch
+
+from megatron_tst.config import TSTConfig
+from megatron_tst.mce import IGNORE_INDEX
+from megatron_tst.superposition import make_stock_batch, make_superposition_batch
+
+LM_LOSS = "lm loss"  # Megatron-LM's name of the next-token loss
+MCE_LOSS = "mce loss"
+SAMPLE_IDS = "sample_ids"
+
+
+class Phase(str, enum.Enum):
+    """Training phase. The string values are what logs and metrics files carry."""
+
+    SUPERPOSITION = "superposition"
+    RECOVERY = "recovery"
+
+    @property
+    def loss_name(self) -> str:
+        """The name of this phase's loss in the step's report and the log line ("mce loss" / "lm loss")."""
+        return MCE_LOSS if self is Phase.SUPERPOSITION else LM_LOSS
+
+
+def superposition_steps(tst: Optional[TSTConfig], train_iters: int) -> int:
+    """Optimizer steps of the superposition phase in a `train_iters`-step run (0 without TST).
+
+    `tst.superposition_iters` if given, else floor(`tst.superposition_ratio` * train_iters) (TST_SPEC 1).
+    Raises ValueError when no recovery step would be left (the recovery phase is required).
+    """
+    if tst is None:
+        return 0
+    if tst.superposition_iters is not None:
+        steps = tst.superposition_iters
+    else:
+        steps = int(math.floor(tst.superposition_ratio * train_iters + 1e-9))
+    if steps >= train_iters:
+        raise ValueError(f"{steps} superposition steps leave no recovery phase in a {train_iters}-step run "
+                         "(--train-iters, or --train-samples over the global batch size): the recovery phase is "
+                         "required; lower --tst-superposition-ratio / --tst-superposition-iters")
+    return steps
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplePlan:
+    """Where the phases sit in Megatron's train samples, derived once per run (`from_megatron`).
+
+    Attributes:
+        seq_length: L, positions per sample (Megatron's --seq-length).
+        total_samples: Megatron's train samples of the whole run (--train-samples, or --train-iters x the global
+            batch size).
+        bag_size: s (1 without TST).
+        superposition_steps: S, the optimizer steps of the superposition phase.
+        superposition_samples: N_sup, the samples those steps consume (rows of s*L tokens each).
+        sample_layout: "contiguous" (windows) or "segments" (s stock samples per row); see the module docstring.
+        tst: whether the run has `--tst-*` flags (its train samples are TST's stream, also with 0 superposition
+            steps: the same-stream baseline); otherwise they are Megatron's stock samples.
+    """
+
+    seq_length: int
+    total_samples: int
+    tst: bool = False
+    bag_size: int = 1
+    superposition_steps: int = 0
+    superposition_samples: int = 0
+    sample_layout: str = "contiguous"
+
+    @classmethod
+    def from_megatron(cls, args, tst: Optional[TSTConfig]) -> "SamplePlan":
+        """The plan of Megatron-LM's validated `args` (its micro-batch calculator initialised): the samples of the
+        superposition steps and of the whole run are counted step by step with Megatron's own calculator, as its
+        `update_train_iters` counts them, so that a batch-size ramp-up or step schedule places the switch on a step
+        boundary (`--train-samples` gives the total). Raises ValueError (superposition_steps)."""
+        from megatron.core.num_microbatches_calculator import (
+            get_current_global_batch_size,
+            update_num_microbatches,
+        )
+
+        train_iters = args.train_iters or _train_iters_of_samples(args)
+        steps = superposition_steps(tst, train_iters)
+        consumed = [0]  # Megatron's samples consumed after k steps
+        for _ in range(steps if args.train_samples else train_iters):
+            update_num_microbatches(consumed[-1], consistency_check=False)
+            consumed.append(consumed[-1] + get_current_global_batch_size())
+        update_num_microbatches(0, consistency_check=False)
+        superposition_samples, total = consumed[steps], args.train_samples or consumed[-1]
+        return cls(seq_length=args.seq_length, total_samples=total, tst=tst is not None,
+                   bag_size=tst.bag_size if tst else 1,
+                   superposition_steps=steps, superposition_samples=superposition_samples,
+                   sample_layout=tst.sample_layout if tst else "contiguous")
+
+    # ------------------------------------------------------------------------------------------------ phases
+
+    def phase_of_sample(self, index: int) -> Phase:
+        return Phase.SUPERPOSITION if index < self.superposition_samples else Phase.RECOVERY
+
+    def phase_at(self, iteration: int) -> Phase:
+        """Phase of the step that starts after `iteration` completed steps."""
+        return Phase.SUPERPOSITION if iteration < self.superposition_steps else Phase.RECOVERY
+
+    # ------------------------------------------------------------------------------------------------ accounting
+
+    def baseline_samples_before(self, consumed_samples: int) -> int:
+        """Baseline samples of L tokens in Megatron's first `consumed_samples` train samples."""
+        sup = min(consumed_samples, self.superposition_samples)
+        return sup * self.bag_size + (consumed_samples - sup)
+
+    def raw_tokens_before(self, consumed_samples: int) -> int:
+        """Raw tokens in Megatron's first `consumed_samples` train samples (s*L per superposition row)."""
+        return self.baseline_samples_before(consumed_samples) * self.seq_length
+
+    @property
+    def samples_per_window(self) -> int:
+        """Baseline samples per sample of the dataset the stream is cut from: s for windows, 1 for stock samples."""
+        return self.bag_size if self.sample_layout == "contiguous" else 1
+
+    @property
+    def dataset_length(self) -> int:
+        """Length of the run's train dataset: one sample past the run. Megatron-LM's `MegatronPretrainingSampler`
+        asserts consumed samples < dataset length, also when a run that has ended is launched again (a requeued
+        job): Megatron's stock GPTDataset, whole epochs, is longer than the run as well."""
+        return self.total_samples + 1
+
+    def source_samples_needed(self) -> int:
+        """Samples of the source dataset (windows, or stock samples) the train dataset (`dataset_length`) reads."""
+        baseline = self.baseline_samples_before(self.dataset_length)
+        return -(-baseline // self.samples_per_window)
+
+    def source_sequence_length(self) -> int:
+        """The sequence length (tokens, without the label token) of the source dataset's samples."""
+        return self.samples_per_window * self.seq_length
+
+    def stream(self) -> dict:
+        """What a run's stream is made of, for the resume checks (`loop.resume`)."""
+        return {"sample_layout": self.sample_layout if self.tst else None,
+                "samples_per_window": self.samples_per_window}
+
+
+def _train_iters_of_samples(args) -> int:
+    """Megatron-LM's `update_train_iters` for a --train-samples run, without changing `args`."""
+    import copy
+
+    from megatron.training.training import update_train_iters
+
+    probe = copy.copy(args)
+    update_train_iters(probe)
+    return probe.train_iters
+
+
+# ---------------------------------------------------------------------------------------------------- items
+
+
+def stock_item(tokens_t: torch.Tensor, labels_t: torch.Tensor, loss_mask_t: torch.Tensor) -> dict:
+    """A stock (recovery / baseline) sample from Megatron sample fields [L]: `superposition.make_stock_batch` of
+    one row (causal: no attention mask; position ids 0..L-1)."""
+    batch = make_stock_batch(tokens_t.unsqueeze(0), labels_t.unsqueeze(0), loss_mask_t.unsqueeze(0))
+    return {key: value[0] for key, value in batch.items()}
+
+
+def superposition_item(tokens_t: torch.Tensor, labels_t: torch.Tensor, loss_mask_t: torch.Tensor, bag_size: int, *,
+                       segment_length: Optional[int] = None, ignore_index: int = IGNORE_INDEX) -> dict:
+    """A superposition row from Megatron sample fields of s*L tokens: `superposition.make_superposition_batch` of
+    one row: {"tokens": [s*L], "tst_targets": [L, s], "loss_mask": [L], "position_ids": [L]}, every field with the
+    sequence first, in whole bags, so Megatron's context-parallel slicing of the collated batch cuts whole bags."""
+    batch = make_superposition_batch(tokens_t.long().unsqueeze(0), labels_t.long().unsqueeze(0),
+                                     loss_mask_t.unsqueeze(0), bag_size, segment_length=segment_length,
+                                     ignore_index=ignore_index)
+    return {key: value[0] for key, value in batch.items()}
+
+
+class TSTTrainDataset(torch.utils.data.Dataset):
+    """Megatron's train samples of a TST run, by global sample index (module docstring).
+
+    Args:
+        source: Megatron's GPTDataset of `plan.source_sequence_length()` tokens per sample (windows of s*L for the
+            contiguous layout, stock samples of L for segments), with at least `plan.source_samples_needed()`
+            samples.
+        plan: the run's `SamplePlan` (of a run with `--tst-*` flags).
+        ignore_index: the id of absent targets.
+
+    Raises:
+        ValueError: the source holds fewer samples than the run reads.
+    """
+
+    def __init__(self, source, plan: SamplePlan, ignore_index: int = IGNORE_INDEX):
+        if not plan.tst:
+            raise ValueError("TSTTrainDataset needs the plan of a run with --tst-* flags; a run without them reads "
+                             "Megatron's stock dataset")
+        if len(source) < plan.source_samples_needed():
+            raise ValueError(f"the train dataset holds {len(source)} samples of {plan.source_sequence_length()} "
+                             f"tokens, the run reads {plan.source_samples_needed()}")
+        self.source, self.plan, self.ignore_index = source, plan, ignore_index
+        self._cached = (None, None)  # (source index, its fields): recovery reads each window s times in a row
+
+    def __len__(self) -> int:
+        return self.plan.dataset_length
+
+    def _fields(self, index: int) -> dict:
+        if self._cached[0] != index:
+            sample = self.source[index]
+            self._cached = (index, {key: torch.as_tensor(sample[key]) for key in ("tokens", "labels", "loss_mask")})
+        return self._cached[1]
+
+    def __getitem__(self, index: int) -> dict:
+        plan, s, length = self.plan, self.plan.bag_size, self.plan.seq_length
+        if index < plan.superposition_samples:
+            ids = range(index * s, index * s + s)
+            if plan.sample_layout == "contiguous":
+                fields, segment = self._fields(index), None
+            else:
+                pieces = [self._fields(i) for i in ids]
+                fields = {key: torch.cat([p[key] for p in pieces]) for key in ("tokens", "labels", "loss_mask")}
+                segment = length
+            item = superposition_item(fields["tokens"], fields["labels"], fields["loss_mask"], s,
+                                      segment_length=segment, ignore_index=self.ignore_index)
+        else:
+            baseline = plan.baseline_samples_before(index)
+            ids = range(baseline, baseline + 1)
+            if plan.sample_layout == "contiguous":
+                window, piece = divmod(baseline, s)
+                cut = slice(piece * length, (piece + 1) * length)
+                fields = {key: value[cut] for key, value in self._fields(window).items()}
+            else:
+                fields = self._fields(baseline)
+            item = stock_item(fields["tokens"], fields["labels"], fields["loss_mask"])
+        item[SAMPLE_IDS] = torch.tensor(list(ids), dtype=torch.long)
+        return item

@@ -1,1 +1,0 @@
-"""Training-side helpers: tokenizers for Megatron-Core datasets and the data tools."""
