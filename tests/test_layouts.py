@@ -14,6 +14,8 @@ about lr x sign(gradient), which turns round-off in near-zero gradient elements 
 import pytest
 from cli import losses, read_jsonl, run_in_workers, tiny_args
 
+from megatron_tst.platform.mcore_compat import MCORE_VERSION
+
 pytestmark = pytest.mark.parallel
 
 TP2 = ["--tensor-model-parallel-size", "2"]
@@ -47,7 +49,15 @@ MODELS = {
     }),
     "tied": (_dense(untie=False), {"dp2": [], "pp2": PP2}),
 }
-CASES = [(model, layout) for model, (_, layouts) in MODELS.items() for layout in list(layouts)[1:]]
+# Megatron-LM 0.17.1's interleaved 1F1B at PP=2 on gloo trains otherwise than PP=1 with Megatron-Core's own GPTModel
+# too (no TST flags: gradient norms off by 0.4-49 % from the second step, different from run to run; 0.19.2 agrees to
+# round-off), so there the case would test Megatron-LM, not TST. (PP=2 with interleaving needs overlapped p2p, and
+# both directions then share one rank pair.) Measured on CPU only.
+NOT_RUN = {("dense", "pp2_interleaved"): "Megatron-LM 0.17's interleaved schedule at PP=2 on gloo differs from PP=1 "
+           "with its own GPTModel (see NOT_RUN)"} if MCORE_VERSION.minor < 18 else {}
+CASES = [pytest.param(model, layout, id=f"{model}-{layout}",
+                      marks=[pytest.mark.skip(reason=NOT_RUN[model, layout])] if (model, layout) in NOT_RUN else [])
+         for model, (_, layouts) in MODELS.items() for layout in list(layouts)[1:]]
 
 
 # Recovery is Megatron's stock step: Megatron-Core's own GPTModel through Megatron-LM's loop, our model without
@@ -70,6 +80,8 @@ def layouts_worker(directory):
         checkpoint = f"{directory}/{model}"
         status[model] = run_pretrain(argv + ["--save", checkpoint, "--save-interval", "1", "--exit-interval", "1"])
         for layout, flags in layouts.items():
+            if (model, layout) in NOT_RUN:
+                continue
             status[f"{model}/{layout}"] = run_pretrain(
                 argv + flags + ["--load", checkpoint, "--no-load-optim", "--no-load-rng",
                                 "--metrics-jsonl", f"{directory}/{model}_{layout}.jsonl"])
@@ -88,7 +100,7 @@ def _rel(a, b):
     return abs(a - b) / max(abs(b), 1e-30)
 
 
-@pytest.mark.parametrize("model,layout", CASES, ids=[f"{m}-{layout}" for m, layout in CASES])
+@pytest.mark.parametrize("model,layout", CASES)
 def test_layout_trains_what_the_reference_trains(runs, model, layout):
     reference = losses(runs / f"{model}_dp2.jsonl")
     ours = losses(runs / f"{model}_{layout}.jsonl")

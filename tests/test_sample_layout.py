@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from cli import run_in_workers, run_trainer, worker_tracebacks
+from test_checkpoints import VOCAB_FLAG
 
 V = 8192  # NullTokenizer --vocab-size 8192 (ids < 8000 used; EOD below)
 EOD = 8191
@@ -227,6 +228,7 @@ def test_a_megatron_lm_checkpoint_continues_only_on_its_own_stream(tmp_path):
         "--load", os.path.join(root, "megatron_lm_gpt_tp1"), "--data-path", data,
         "--data-cache-path", str(tmp_path / "cache"), "--exit-interval", "31", "--eval-iters", "0",
         "--eval-interval", "1000", "--num-workers", "0", "--tst-bag-size", "4", "--tst-superposition-ratio", "0"]
+    argv[argv.index("--vocab-size") + 1] = VOCAB_FLAG  # the checkpoint's 1024 token ids on this release
     refused = run_trainer(argv, nproc=1)
     assert refused.returncode != 0 and worker_tracebacks(refused.stderr) == []
     assert "consumed 120 samples of Megatron's stock samples" in refused.stderr, refused.stderr[-3000:]
