@@ -176,6 +176,12 @@ class TSTLogging(LoopCallbacks):
                   "eval_lm_loss": losses["lm loss"], **self._progress(get_args().consumed_train_samples)}
         self._write(record)
         self._scalars(record, iteration)
+        # Megatron-LM flushes its TensorBoard writer at the end of `train()`; the validation after training comes
+        # later and its events (Megatron-LM's and ours) would be lost at exit unless flushed here
+        from megatron.training.global_vars import get_tensorboard_writer
+
+        if get_tensorboard_writer() is not None:
+            get_tensorboard_writer().flush()
 
 
 def _samples_of_interval(total_loss_dict: dict, skipped_iter: int, args) -> int:
