@@ -6,7 +6,6 @@ GPT-2-style vocab.json/merges.txt; a SentencePiece model; NullTokenizer), and ev
 checked against the tokenizer's own library (`tokenizers`, `sentencepiece`), independently of Megatron's wrappers.
 """
 
-import inspect
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import sys
 import numpy
 import preprocess_data  # tools/preprocess_data.py (pytest.ini's pythonpath)
 import pytest
+from text_corpus import gpt2_bpe_files, megatron_gpt2_ignores_merge_file
 
 pytestmark = pytest.mark.unit
 
@@ -168,44 +168,17 @@ def test_null_tokenizer_as_megatron_lm_counts_it(tmp_path):
     assert big["dtype"] == "int32"  # DType.optimal_dtype: uint16 only below 65500 ids
 
 
-def _gpt2_bpe_files(directory):
-    """GPT-2-style vocab.json / merges.txt trained offline, and a Hugging Face cache holding the hub repository
-    'gpt2' as far as Megatron's GPT2BPETokenizer reads it (config.json and tokenizer_config.json: the tokenizer
-    class; no vocabulary): Megatron-Core builds it as AutoTokenizer.from_pretrained('gpt2', vocab_file=...,
-    merges_file=...), which looks the class up in the hub even with local files."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(SENTENCES * 4, vocab_size=300, special_tokens=[EOT], show_progress=False)
-    bpe.save_model(str(directory))
-    snapshot = directory / "hf" / "hub" / "models--gpt2" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
-    (snapshot / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    (snapshot / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer",
-                                                                "model_max_length": 1024}))
-    return str(directory / "vocab.json"), str(directory / "merges.txt"), str(directory / "hf")
-
-
-def _merge_file_ignored():
-    """megatron-core 0.17's HuggingFaceTokenizer passes the merges file as `merge_files=` (misspelt; fixed later)."""
-    from megatron.core.tokenizers.text.libraries import huggingface_tokenizer
-
-    return "merge_files=" in inspect.getsource(huggingface_tokenizer.HuggingFaceTokenizer.__init__)
-
-
 def test_gpt2_bpe_tokenizer_from_vocab_and_merge_files(tmp_path):
     from tokenizers import ByteLevelBPETokenizer
 
-    vocab, merges, hf_home = _gpt2_bpe_files(tmp_path)
+    vocab, merges, hf_home, _ = gpt2_bpe_files(tmp_path, SENTENCES * 4, vocab_size=300, end_of_text=EOT)
     jsonl = _write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in SENTENCES])
     command = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", jsonl,
                "--output-prefix", str(tmp_path / "g"), "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,
                "--merge-file", merges, "--append-eod"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HOME": hf_home, "HF_HUB_OFFLINE": "1"})
-    if _merge_file_ignored():
+    if megatron_gpt2_ignores_merge_file():
         assert result.returncode == 1, result.stdout + result.stderr
         assert "misspelt keyword" in result.stderr and "GPT2BPETokenizer" in result.stderr, result.stderr
         assert not os.path.exists(tmp_path / "g_text_document.bin")

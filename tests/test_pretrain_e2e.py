@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import pytest
 from cli import read_jsonl, run_in_workers, run_trainer
-from text_corpus import VOCAB_SIZE, build_byte_corpus, docstrings
+from text_corpus import VOCAB_SIZE, build_byte_corpus, docstrings, gpt2_bpe_files, megatron_gpt2_ignores_merge_file
 
 L, G, BAG, TRAIN_ITERS, RATIO = 64, 8, 4, 20, 0.35
 SUP_ITERS = 7  # floor(0.35 x 20)
@@ -198,34 +198,13 @@ def test_one_lr_schedule_across_the_switch(tst_run, in_process):
 
 
 def _gpt2_files(directory):
-    """vocab.json / merges.txt trained offline on the text, and a Hugging Face cache holding the hub repository
-    'gpt2' as Megatron's GPT2BPETokenizer reads it (its tokenizer class; no vocabulary): Megatron-Core builds it as
-    AutoTokenizer.from_pretrained('gpt2', vocab_file=..., merges_file=...)."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(docstrings(), vocab_size=500, special_tokens=["<|endoftext|>"], show_progress=False)
-    bpe.save_model(str(directory))
-    snapshot = directory / "hf" / "hub" / "models--gpt2" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (snapshot.parent.parent / "refs").mkdir()
-    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
-    (snapshot / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    (snapshot / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+    """`text_corpus.gpt2_bpe_files` on the docstrings (vocabulary 500), and the text as jsonl for
+    tools/preprocess_data.py. Returns the vocabulary size."""
+    vocab_size = gpt2_bpe_files(directory, docstrings(), vocab_size=500)[3]
     with open(directory / "text.jsonl", "w") as f:
         for text in docstrings():
             f.write(json.dumps({"text": text}) + "\n")
-    return bpe.get_vocab_size()
-
-
-def _gpt2_merge_file_honoured():
-    """megatron-core 0.17's HuggingFaceTokenizer passes --merge-file as `merge_files=` (misspelt; fixed in 0.19):
-    its GPT2BPETokenizer cannot load local vocab/merges files without the hub's."""
-    import inspect
-
-    from megatron.core.tokenizers.text.libraries import huggingface_tokenizer
-
-    return "merge_files=" not in inspect.getsource(huggingface_tokenizer.HuggingFaceTokenizer.__init__)
+    return vocab_size
 
 
 def _step_schedule():
@@ -315,7 +294,7 @@ def _environment(**values):
 @pytest.fixture(scope="module")
 def in_process(corpus, tmp_path_factory):
     directory = tmp_path_factory.mktemp("in_process")
-    gpt2 = _gpt2_merge_file_honoured()
+    gpt2 = (not megatron_gpt2_ignores_merge_file())
     vocab = None
     if gpt2:
         (directory / "gpt2").mkdir()
@@ -328,7 +307,7 @@ def in_process(corpus, tmp_path_factory):
 
 @pytest.mark.parallel
 def test_gpt2_bpe_tokenizer_run(in_process):
-    if not _gpt2_merge_file_honoured():
+    if not (not megatron_gpt2_ignores_merge_file()):
         pytest.skip("megatron-core 0.17's GPT2BPETokenizer ignores --merge-file (passes it as merge_files=): it "
                     "cannot load locally built vocab/merges files offline; tests/test_data_tools.py checks the "
                     "tool's message")

@@ -50,3 +50,36 @@ def build_byte_corpus(directory: str, name: str = "stdlib_text") -> str:
         builder.add_document(np.append(ids, EOD), [len(ids) + 1])
     builder.finalize(prefix + ".idx")
     return prefix
+
+
+def gpt2_bpe_files(directory, texts, vocab_size: int, end_of_text: str = "<|endoftext|>"):
+    """GPT-2-style vocab.json / merges.txt trained offline on `texts`, and a Hugging Face cache holding the hub
+    repository 'gpt2' as far as Megatron's GPT2BPETokenizer reads it (config.json and tokenizer_config.json: the
+    tokenizer class; no vocabulary): Megatron-Core builds it as AutoTokenizer.from_pretrained('gpt2',
+    vocab_file=..., merges_file=...), which looks the class up in the hub even with local files.
+    `directory`: a pathlib.Path. Returns (vocab file, merges file, HF_HOME, vocabulary size)."""
+    import json
+
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=[end_of_text], show_progress=False)
+    bpe.save_model(str(directory))
+    snapshot = directory / "hf" / "hub" / "models--gpt2" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (snapshot / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer",
+                                                                "model_max_length": 1024}))
+    return str(directory / "vocab.json"), str(directory / "merges.txt"), str(directory / "hf"), bpe.get_vocab_size()
+
+
+def megatron_gpt2_ignores_merge_file() -> bool:
+    """megatron-core 0.17's HuggingFaceTokenizer passes --merge-file as `merge_files=` (misspelt; fixed in 0.19): its
+    GPT2BPETokenizer cannot load local vocab/merges files without the hub's."""
+    import inspect
+
+    from megatron.core.tokenizers.text.libraries import huggingface_tokenizer
+
+    return "merge_files=" in inspect.getsource(huggingface_tokenizer.HuggingFaceTokenizer.__init__)
