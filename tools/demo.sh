@@ -55,7 +55,8 @@ SHOW=' iteration +[0-9]+/ +[0-9]+ \||validation loss at|^TST:|^error|Error|Trace
 ARGUMENT_DUMP='^ +[A-Za-z0-9_]+ \.{3,} '
 set +e
 OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 "${COMMAND[@]}" 2>&1 | tee -a "$RUN_DIR/train.log" \
-  | grep --line-buffered -E "$SHOW" | grep --line-buffered -v -E "$ARGUMENT_DUMP"
+  | grep --line-buffered -E "$SHOW" | grep --line-buffered -v -E "$ARGUMENT_DUMP" \
+  | sed -u -E 's/^.+( \[[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:.]+\] iteration )/\1/'  # another rank's unfinished print
 status=${PIPESTATUS[0]}
 set -e
 if [[ "$status" != 0 ]]; then
