@@ -36,22 +36,29 @@ def _fail(args, message: str) -> None:
 
 def start_run(args):
     """Everything TST does once Megatron-LM has validated `args`, before heavy work: refusals, the run's plan,
-    the data files, a resume's sample stream, the log callbacks. Returns the `TSTRun`; ends every rank with the
-    reason (exit status 2) on bad input."""
+    the checkpoint to load (whole, only data), the data files, a resume's sample stream, the log callbacks.
+    Returns the `TSTRun`; ends every rank with the reason (exit status 2) on bad input."""
     from megatron.training import get_tokenizer, print_rank_0
 
-    from megatron_tst.loop import arguments, data_checks, resume
+    from megatron_tst.loop import arguments, checkpoint_checks, data_checks, resume
     from megatron_tst.loop import run as tst_run
     from megatron_tst.loop.logging import TSTLogging
 
     try:
         arguments.check_arguments(args)
         run = tst_run.start(args)
+    except ValueError as err:
+        _fail(args, str(err))
+    _lock_save_directory(args)
+    try:
+        checkpoint = checkpoint_checks.checkpoint_to_load(args)
+        if checkpoint is not None:
+            checkpoint_checks.check_checkpoint(checkpoint)
         data_checks.check_data(args, get_tokenizer().vocab_size)
     except ValueError as err:
         _fail(args, str(err))
     try:
-        resume.check_resume(args)
+        resume.check_resume(args, checkpoint)
     except SystemExit as refusal:  # its message: printed once, every rank ends with status 2, as above
         if not isinstance(refusal.code, str):
             raise
@@ -62,7 +69,35 @@ def start_run(args):
         print_rank_0(f"TST: bag size {run.tst.bag_size}, {plan.superposition_steps} superposition steps "
                      f"({plan.superposition_samples} samples of {plan.bag_size} x {plan.seq_length} tokens), then "
                      f"recovery ({run.tst.weighting} weighting, {run.tst.sample_layout} samples)")
+        for warning in tst_run.degenerate_settings(run, args, data_checks.train_split_tokens(args)):
+            print_rank_0(f"warning: {warning}")
     return run
+
+
+def _lock_save_directory(args) -> None:
+    """Global rank 0 takes `--save`'s lock (`loop.save_lock`) before any checkpoint is read or written. Another
+    live trainer there ends this run (status 2): on megatron-core 0.17, whose process groups exist by now, every
+    rank learns rank 0's verdict; on 0.18+ no group exists yet, rank 0 ends and torchrun ends the others."""
+    from megatron.training import print_rank_0
+
+    from megatron_tst.loop import save_lock
+
+    refusal = None
+    if args.save and getattr(args, "rank", 0) == 0:
+        try:
+            warning = save_lock.acquire(args.save)
+            if warning:
+                print_rank_0(f"warning: {warning}")
+        except save_lock.SaveDirectoryInUse as err:
+            refusal = str(err)
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        verdict = [refusal]
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        refusal = verdict[0]
+    if refusal:
+        _fail(args, refusal)
 
 
 def prepare(argv: Optional[Sequence[str]] = None) -> None:

@@ -111,6 +111,7 @@ def _summary(result):
     status, stderr, stdout, logs = result
     return {"status": status, "stderr": stderr, "built": BUILDING in stdout, "logs": logs,
             "exiting": [line for line in stdout.splitlines() if "exiting program" in line],
+            "warnings": [line for line in stdout.splitlines() if line.startswith("warning: ")],
             "tail": (stdout + stderr)[-3000:]}
 
 
@@ -192,6 +193,13 @@ def reliability_worker(directory, corpus):  # noqa: F811
         RESUMABLE + ["--data-path", "0.3", corpus, "0.7", tiny400, "--split", "98,2,0", "--exit-interval", "2",
                      "--eval-iters", "1", "--eval-interval", "2", "--metrics-jsonl",
                      os.path.join(directory, "weighted.jsonl")]))
+
+    # degenerate TST settings: they train (one step here), with a warning
+    no_steps = [a if a != "0.25" else "0.01" for a in short]
+    results["no_superposition_step"] = _summary(_run(no_steps + data))
+    long_window = list(short)
+    long_window[long_window.index("--tst-bag-size") + 1] = "32"  # 32 x 32 + 1 tokens > tiny3's 3 x 200
+    results["window_longer_than_corpus"] = _summary(_run(long_window + ["--data-path", tiny3, "--split", "98,2,0"]))
 
     # divergence: Adam at --lr 1e4 with weight decay 0.1 multiplies the weights by (1 - 1e3) every step
     diverging = os.path.join(directory, "diverging")
@@ -329,6 +337,17 @@ def test_validation_without_a_validation_split_is_refused(runs, name, split):
     dataset and end in a TypeError at the first --eval-interval, after training up to it."""
     _refused_once(runs[1], name, [f"--split {split} leaves the validation split without documents, but --eval-iters "
                                   "1 asks for validation", "--eval-iters 0"])
+
+
+@pytest.mark.parametrize("name, words", [
+    ("no_superposition_step", "--tst-superposition-ratio 0.01 of this run's 20 steps is less than one step"),
+    ("window_longer_than_corpus", "a superposition window of --tst-bag-size 32 x --seq-length 32 (+1) = 1,025 "
+                                  "tokens is longer than the whole train split (600 tokens)")])
+def test_degenerate_tst_settings_warn_once_and_train(runs, name, words):
+    results = runs[1]
+    assert [r[name]["status"] for r in results] == [0, 0], results[0][name]["tail"]
+    assert len(results[0][name]["warnings"]) == 1 and words in results[0][name]["warnings"][0], results[0][name]
+    assert results[1][name]["warnings"] == []
 
 
 def test_weighted_blends_build_and_train(runs):

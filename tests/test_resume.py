@@ -209,7 +209,8 @@ def interrupted(corpus, reference, tmp_path_factory):
     b. resumes inside the superposition phase; kill -9 while its first checkpoint is being written;
     c. resumes from the same checkpoint, crosses the phase switch; SIGTERM to its ranks in recovery: saves, exits 0,
        rank 0 writes $TST_EXIT_MARKER;
-    d. resumes in recovery and runs to the end;
+    d. resumes in recovery and runs to the end; while it trains, the same command again (a second trainer on the
+       same --save directory: refused at once, d unharmed);
     e. the same command once more (a requeued job whose run had ended): nothing to train, exits 0.
     The kill point is random on purpose (each run tries another); TST_RESUME_KILL_SEED=N replays a seed."""
     workdir = tmp_path_factory.mktemp("interrupted")
@@ -255,13 +256,19 @@ def interrupted(corpus, reference, tmp_path_factory):
     for pid in workers:  # as SLURM (or an operator) signals the training processes
         os.kill(pid, signal.SIGTERM)
     code, output = c.finish()
+    c_last = max(records_of(workdir / "c.jsonl"), default=0)
     out["c"] = {"code": code, "output": output, "workers": len(workers), "tracked": _tracked(ckpt),
                 "marker": open(marker).read() if marker.exists() else None,
                 "last_iteration": max(records_of(workdir / "c.jsonl"), default=0)}
 
-    # d. to the end
+    # d. to the end; meanwhile the same command once more (a second trainer on the same --save directory)
     marker.unlink(missing_ok=True)
     d = launch("d")
+    assert d.wait_until(lambda: d.last_iteration() >= c_last + 1), d.output()[-3000:]
+    twin = Trainer(command("twin"), workdir, "twin")
+    twin_code, twin_output = twin.finish()
+    out["twin"] = {"code": twin_code, "output": twin_output, "d_pid_alive": d.proc.poll() is None,
+                   "d_workers": d.workers(), "survivors": twin.survivors()}
     code, output = d.finish()
     out["d"] = {"code": code, "output": output, "marker": marker.exists()}
 
@@ -297,6 +304,26 @@ def test_sigterm_with_exit_signal_handler_saves_exits_0_and_writes_the_exit_mark
     assert c["tracked"] == c["last_iteration"] > SUPERPOSITION_ITERS, c["output"][-3000:]
     assert c["marker"] is not None and c["marker"].split()[-1] == str(c["tracked"]), c["marker"]
     assert interrupted["d"]["marker"] is False  # a run that ends normally writes none
+
+
+def test_a_second_trainer_on_the_same_save_directory_is_refused_at_once(interrupted):
+    """`--save`'s lock (loop/save_lock.py), held by d's rank 0: the twin's rank 0 refuses before reading or writing
+    anything, naming the directory and the holder; torchrun ends the twin's other rank; d trains on (its records
+    and final checkpoint are compared bitwise with the uninterrupted run's below)."""
+    twin, d = interrupted["twin"], interrupted["d"]
+    assert twin["code"] != 0 and twin["survivors"] == [], twin["output"][-3000:]
+    held = f"--save {interrupted['workdir'] / 'ckpt'} is in use by another trainer: process "
+    assert any(f"{held}{pid} on " in twin["output"] for pid in twin["d_workers"]), twin["output"][-3000:]
+    assert "building GPT model" not in twin["output"] and "saving checkpoint" not in twin["output"]
+    assert twin["d_pid_alive"] and len(twin["d_workers"]) == 2 and d["code"] == 0
+
+
+def test_kill_9_releases_the_save_directory(interrupted):
+    """a and b were killed by SIGKILL holding --save's lock; b, c and d took it (the kernel drops a dead process's
+    flock)."""
+    for name in ("b", "c", "d"):
+        log = (interrupted["workdir"] / f"{name}.log").read_text()
+        assert "is in use by another trainer" not in log and " iteration " in log, log[-3000:]
 
 
 def test_the_same_command_after_the_end_exits_0_without_training(interrupted):

@@ -8,7 +8,7 @@ endless sample-index loop for an empty member split) or train on ids outside the
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
@@ -112,3 +112,28 @@ def check_splits(args) -> None:
             "(--train-data-path, --valid-data-path, --test-data-path)")
 
 
+def train_split_tokens(args) -> Optional[int]:
+    """Tokens in the documents of the train split (every --data-path member, or --train-data-path), as
+    Megatron's GPTDataset cuts the split by documents; None with --mock-data or no data path."""
+    if args.mock_data or not (args.data_path or getattr(args, "train_data_path", None)):
+        return None
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_tst.loop.providers import dataset_config
+
+    config = dataset_config(args)
+    if config.blend_per_split is not None:
+        prefixes, split_range = (config.blend_per_split[0] or [[]])[0], (0.0, 1.0)
+    else:
+        prefixes, split_range = config.blend[0], config.split_matrix[0]
+    if split_range is None:
+        return 0
+    total = 0
+    for prefix in prefixes:
+        dataset = IndexedDataset(prefix, mmap=True)
+        documents = dataset.document_indices
+        count = len(documents) - 1
+        first, last = int(round(split_range[0] * count)), int(round(split_range[1] * count))
+        lengths = dataset.sequence_lengths[documents[first]:documents[last]]
+        total += int(np.sum(lengths, dtype=np.int64))
+    return total

@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 from typing import Callable, List, Optional, Tuple
 
+from megatron_tst.loop.checkpoint_checks import CheckpointToLoad
+
 # (flag, value of a namespace, hint) per flag that decides the sample stream.
 Extractor = Callable[[object], object]
 
@@ -202,31 +204,6 @@ def schedule_mismatches(args, ckpt_args) -> List[str]:
     return lines
 
 
-TRACKER = "latest_checkpointed_iteration.txt"
-
-
-def checkpoint_to_load(args) -> Optional[Tuple[str, bool]]:
-    """(directory, finetune) of the checkpoint Megatron-LM's `load_checkpoint` will load for these flags, or None
-    (none found: Megatron-LM starts from scratch, or exits with --exit-on-missing-checkpoint). Tracker
-    `<load>/latest_checkpointed_iteration.txt`, or `--ckpt-step`; `--pretrained-checkpoint` loads as --finetune."""
-    for root, finetune in ((args.load, args.finetune), (getattr(args, "pretrained_checkpoint", None), True)):
-        if not root:
-            continue
-        step = getattr(args, "ckpt_step", None) if root == args.load else None
-        if step is None:
-            path = os.path.join(root, TRACKER)
-            if not os.path.isfile(path):
-                continue
-            text = open(path).read().strip()
-            if not text.isdigit():
-                continue  # 'release' or unreadable: Megatron-LM's loader decides
-            step = int(text)
-        directory = os.path.join(root, f"iter_{step:07d}")
-        if os.path.isdir(directory):
-            return directory, finetune
-    return None
-
-
 def _stream_of(ns) -> dict:
     """What a run's samples are made of (`SamplePlan.stream`), from its arguments (a checkpoint's too)."""
     bag = _bag_size(ns) if getattr(ns, "tst_bag_size", None) is not None else 1
@@ -262,17 +239,16 @@ def check_stream_continuation(checkpoint_stream: dict, stream: dict, consumed_sa
         f"{forward[0].upper() + forward[1:]}, or start the data over on these weights with --finetune.")
 
 
-def check_resume(args) -> None:
+def check_resume(args, target: Optional[CheckpointToLoad]) -> None:
     """Before the model is built: raise SystemExit naming every flag of this run that would not continue the
-    checkpoint it loads, both values and the ways forward (see module docstring). Nothing to check without a
-    checkpoint, with --finetune / --pretrained-checkpoint (the data and schedule start anew), or when the
-    checkpoint's arguments cannot be read (Megatron-LM's loader reports it)."""
+    checkpoint it loads (`target`, checked by `checkpoint_checks`), both values and the ways forward (see module
+    docstring). Nothing to check without a checkpoint, with --finetune / --pretrained-checkpoint (the data and
+    schedule start anew), or when the checkpoint holds no saved arguments."""
     from megatron_tst.platform.mcore_compat import read_common_state
 
-    target = checkpoint_to_load(args)
-    if target is None or target[1]:
+    if target is None or target.finetune:
         return
-    directory = target[0]
+    directory = target.directory
     ckpt_args = read_common_state(directory).get("args")
     if ckpt_args is None:
         return

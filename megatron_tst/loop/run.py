@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional
+from typing import List, Optional
 
 from megatron_tst.config import TSTConfig
 from megatron_tst.stream import SamplePlan
@@ -67,3 +67,25 @@ def current() -> TSTRun:
         raise RuntimeError("no TST run is set up: megatron_tst.loop.run.start(args) runs once Megatron-LM's "
                            "arguments are validated (megatron_tst.pretrain does it)")
     return _current
+
+
+def degenerate_settings(run: TSTRun, args, train_tokens: Optional[int]) -> List[str]:
+    """Warnings for TST settings that train, but not as the user likely meant: a --tst-superposition-ratio that
+    gives no superposition step in this run, and a superposition window (s x --seq-length + 1 tokens) longer than
+    the whole train split (`train_tokens`; Megatron's GPTDataset then repeats the corpus inside every window)."""
+    if run.tst is None:
+        return []
+    out = []
+    tst, plan = run.tst, run.plan
+    if plan.superposition_steps == 0 and tst.superposition_iters is None and tst.superposition_ratio > 0:
+        steps = f"{args.train_iters} steps" if getattr(args, "train_iters", None) else "steps"
+        out.append(f"--tst-superposition-ratio {tst.superposition_ratio} of this run's {steps} is "
+                   "less than one step: no superposition step, the run trains as plain Megatron-LM (recovery only). "
+                   "Raise the ratio or give --tst-superposition-iters N.")
+    window = tst.bag_size * plan.seq_length + 1
+    if train_tokens is not None and plan.superposition_steps > 0 and tst.sample_layout == "contiguous" \
+            and window > train_tokens:
+        out.append(f"a superposition window of --tst-bag-size {tst.bag_size} x --seq-length {plan.seq_length} "
+                   f"(+1) = {window:,} tokens is longer than the whole train split ({train_tokens:,} tokens): every "
+                   "window repeats the corpus. Use more data, a smaller --tst-bag-size or --seq-length.")
+    return out

@@ -16,6 +16,9 @@ Bends of Megatron-LM's loop are in `platform/megatron_lm.py`, CPU stand-ins in `
 | sharded objects (RNG state, common state)   | all               | torch's DefaultLoadPlanner.load_bytes via   | `_SafeLoadPlanner`,     | megatron-core loads sharded objects  |
 | unpickled with `weights_only=False`         |                   | core/dist_checkpointing/strategies/torch.py | `install_safe_sharded_  | with `weights_only=True`             |
 |                                             |                   | `MCoreLoadPlanner`                          | object_loading`         |                                      |
+| torch's `.metadata` read by a plain         | all (torch 2.x)   | torch/distributed/checkpoint/filesystem.py  | `install_safe_metadata_ | torch reads `.metadata` with an      |
+| `pickle.load` (torch's reader, which        |                   | `FileSystemReader.read_metadata`            | reading`, `load_        | allow-list                           |
+| megatron-core's loaders use)                |                   |                                             | checkpoint_metadata`    |                                      |
 | common state in `common.pt` (<= 0.18) or in | 0.19: in shards   | core/dist_checkpointing/serialization.py    | `read_common_state`     | never (reads both layouts)           |
 | the shards (`common_state` object, 0.19);   | (0.19 reads both; | `load_common` (called by `load` and         | `install_common_state_  | 0.18 support ends                    |
 | Megatron-LM <= 0.18 reads `common.pt` only  | <= 0.18 common.pt)| `load_common_state_dict`)                   | fallback`               |                                      |
@@ -46,7 +49,10 @@ import contextlib
 import inspect
 import io
 import os
+import pickle
 import re
+import types
+from typing import Optional
 
 import megatron.core
 import torch
@@ -78,17 +84,31 @@ class UnknownMegatronObject:
         return f"UnknownMegatronObject{self.args}"
 
 
+class RefusedCheckpointObject(pickle.UnpicklingError):
+    """A checkpoint file names a class outside the allow-list: `path` and `name` (module.qualname), nothing run."""
+
+    def __init__(self, path: str, name: str):
+        super().__init__(f"{path} names {name}, which a checkpoint never needs: refused without running it "
+                         "(a damaged or hostile file; checkpoints are data)")
+        self.path, self.name = path, name
+
+    def __reduce__(self):  # torch's checkpoint loader gathers exceptions across ranks as pickles
+        return type(self), (self.path, self.name)
+
+
 _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def safe_torch_load(source, map_location="cpu"):
+def safe_torch_load(source, map_location="cpu", *, name: Optional[str] = None):
     """`torch.load(weights_only=True)` with megatron-core's allow-list; unknown megatron classes become stand-ins.
 
     Args:
         source: a path or a binary file object.
+        name: what to call the source in errors (default: the path).
     Returns: the unpickled object.
-    Raises: `pickle.UnpicklingError` for any global outside the allow-list that is not a `megatron.*` class
-        (never executed).
+    Raises: `RefusedCheckpointObject` (a `pickle.UnpicklingError`) naming the source and the global it would have
+        had to load, for any global outside the allow-list that is not a `megatron.*` class (never executed);
+        `pickle.UnpicklingError` or `EOFError` for a damaged file.
     """
     from megatron.core.safe_globals import register_safe_globals
 
@@ -100,13 +120,16 @@ def safe_torch_load(source, map_location="cpu"):
     else:
         with open(source, "rb") as f:
             data = f.read()
+    name = name or (source if isinstance(source, (str, os.PathLike)) else "a checkpoint object")
     for _ in range(64):
         try:
             return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-        except Exception as err:  # pickle.UnpicklingError with torch's message
+        except pickle.UnpicklingError as err:  # torch's message names the refused global
             match = _UNSUPPORTED_GLOBAL.search(str(err))
-            if not match or not match.group(1).startswith("megatron."):
+            if not match:
                 raise
+            if not match.group(1).startswith("megatron."):
+                raise RefusedCheckpointObject(str(name), match.group(1)) from None
             torch.serialization.add_safe_globals([(UnknownMegatronObject, match.group(1))])
     raise RuntimeError("too many unknown classes in a checkpoint object")
 
@@ -115,7 +138,7 @@ class _SafeLoadPlanner(torch_strategy.MCoreLoadPlanner):  # the class, before in
     """Megatron's load planner, unpickling sharded objects with `safe_torch_load` instead of weights_only=False."""
 
     def load_bytes(self, read_item, value):
-        obj = safe_torch_load(value)
+        obj = safe_torch_load(value, name=f"sharded object {read_item.dest_index.fqn!r} of the checkpoint")
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._nested_dict import set_element
 
@@ -128,6 +151,64 @@ def install_safe_sharded_object_loading() -> None:
     """From now on in this process, Megatron's torch_dist loader unpickles sharded objects with `safe_torch_load`
     (strategies/torch.py looks `MCoreLoadPlanner` up at call time in every supported release). Idempotent."""
     torch_strategy.MCoreLoadPlanner = _SafeLoadPlanner
+
+
+# What torch's distributed-checkpoint `.metadata` pickle holds (torch 2.x, written by megatron-core 0.17-0.19:
+# torch/distributed/checkpoint/filesystem.py `FileSystemWriter.finish` pickles a `Metadata`), and nothing else.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData",
+                                             "LoadPlan", "ReadItem", "LoadItemType"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice", "complex"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module, name):
+        if name in _METADATA_CLASSES.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise RefusedCheckpointObject(self.path, f"{module}.{name}")
+
+
+def load_checkpoint_metadata(file, path: str = "<.metadata>"):
+    """Unpickle torch's distributed-checkpoint metadata (`<checkpoint>/.metadata`) with an allow-list of the
+    classes it holds (`_METADATA_CLASSES`, torch dtypes). `file`: a binary file object; `path` names it in errors.
+    Raises `RefusedCheckpointObject` for any other global (never executed), `pickle.UnpicklingError` / `EOFError`
+    for a damaged file."""
+    return _MetadataUnpickler(file, path).load()
+
+
+class _SafePickle(types.ModuleType):
+    """`pickle` as torch's filesystem reader sees it after `install_safe_metadata_reading`: `load` allow-listed."""
+
+    def __getattr__(self, name):
+        return getattr(pickle, name)
+
+    @staticmethod
+    def load(file, **_):
+        return load_checkpoint_metadata(file, getattr(file, "name", "<.metadata>"))
+
+
+def install_safe_metadata_reading() -> None:
+    """From now on in this process, torch's `FileSystemReader.read_metadata` (which Megatron-Core's torch_dist
+    loader and Megatron-LM's `load_checkpoint` use for every `.metadata`) unpickles with `load_checkpoint_metadata`
+    instead of a plain `pickle.load` (torch/distributed/checkpoint/filesystem.py, torch 2.x: the module's `pickle`
+    global, looked up at call time). Writing is unchanged. Idempotent."""
+    from torch.distributed.checkpoint import filesystem
+
+    if not isinstance(filesystem.pickle, _SafePickle):
+        filesystem.pickle = _SafePickle("pickle")
 
 
 def install_common_state_fallback() -> None:

@@ -12,6 +12,8 @@ the Megatron-LM function it names, installed once per process by `install()`; CP
 | `compile_helpers` skipped when the    | training/initialize.py `_compile_dependencies`;| the wheels ship a Makefile  |
 | compiled dataset helpers import       | the wheels ship the compiled helper and no     | (checkouts have one; the    |
 |                                       | Makefile: `make` fails, Megatron-LM exits      | skip is harmless there)     |
+| `.metadata` unpickled with an         | torch/distributed/checkpoint/filesystem.py     | torch reads it with an      |
+| allow-list (`mcore_compat`)           | `FileSystemReader.read_metadata` (pickle.load) | allow-list                  |
 | sharded objects unpickled with an     | core/dist_checkpointing/strategies/torch.py    | Megatron-Core loads them    |
 | allow-list (`mcore_compat`)           | `MCoreLoadPlanner.load_bytes` (weights_only=   | with `weights_only=True`    |
 |                                       | False)                                         |                             |
@@ -99,6 +101,7 @@ def install(callbacks: Optional[LoopCallbacks] = None, extra_args_provider: Opti
     from megatron_tst.platform import mcore_compat
 
     mcore_compat.install_safe_sharded_object_loading()
+    mcore_compat.install_safe_metadata_reading()
     mcore_compat.install_common_state_fallback()
     _skip_compiling_shipped_helpers()
     training.load_checkpoint = _wrap(training.load_checkpoint, _load_checkpoint)
