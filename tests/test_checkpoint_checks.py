@@ -3,7 +3,9 @@
 `install_safe_metadata_reading`, `safe_torch_load`).
 
 The checkpoints are copies of the one Megatron-LM 0.19.2 wrote (tests/fixtures/megatron_lm/megatron_lm_gpt_tp1,
-iteration 30), each damaged one way, next to an intact copy at iteration 20 (the way forward the errors must name).
+iteration 30), each damaged one way, next to an intact copy at iteration 20 (the way forward the errors must name),
+and one this megatron-core release writes (so each supported release's layout: 0.17 writes `common.pt`, 0.19 the
+common state inside the shards).
 A hostile file is a pickle whose `__reduce__` would `touch` a marker file; the controls show that torch's plain
 readers do run it. Each damaged root is then loaded by the trainer (`megatron_tst.pretrain.main` in process, one
 spawned gloo process), which must end with status 2 and the named error before the model is built (on
@@ -123,8 +125,38 @@ def checks_worker(directory):
                          "ran": os.path.exists(marker)}
     # the way forward the errors name
     results["ckpt_step"] = run_pretrain(argv + ["--load", cases["truncated_shard"][0], "--ckpt-step", "20"])
+    results["own"] = own_release_checkpoints(directory, marker)
     return {"cases": {name: (root, path, words) for name, (root, path, words) in cases.items()},
             "marker": marker, "results": results}
+
+
+def own_release_checkpoints(directory, marker):
+    """A checkpoint this megatron-core release writes (a TST run: one superposition step), and copies of it with a
+    hostile `.metadata`, `common.pt` (the file <= 0.18 writes; 0.19 reads one too) and sharded object:
+    {kind: checkpoint_problem(copy)}, {"intact": ...} for the original."""
+    from cli import tiny_args
+
+    from megatron_tst.loop.checkpoint_checks import checkpoint_problem
+    from megatron_tst.testing.megatron_lm import run_pretrain
+
+    save = os.path.join(directory, "own")
+    assert run_pretrain(tiny_args(train_iters=2, superposition_iters=1) + [
+        "--save", save, "--save-interval", "1", "--exit-interval", "1"]) == 0
+    original = os.path.join(save, "iter_0000001")
+    problems = {"intact": checkpoint_problem(original)}
+    for kind in ("metadata", "common_pt", "sharded_object"):
+        copy = os.path.join(directory, f"own_{kind}")
+        shutil.copytree(original, copy)
+        if kind == "metadata":
+            with open(os.path.join(copy, ".metadata"), "wb") as f:
+                pickle.dump(RunsCode(marker), f)
+        elif kind == "common_pt":
+            torch.save({"args": RunsCode(marker)}, os.path.join(copy, "common.pt"))
+        else:
+            _hostile_sharded_object(copy, marker)
+        problems[kind] = checkpoint_problem(copy)
+    problems["ran"] = os.path.exists(marker)
+    return problems
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +188,13 @@ def test_a_damaged_or_hostile_checkpoint_is_named_before_the_model_is_built(chec
 
 def test_the_intact_checkpoint_the_error_names_continues(checked):
     assert checked["results"]["ckpt_step"] == 0
+
+
+def test_hostile_objects_in_this_releases_own_checkpoints_are_named_and_never_run(checked):
+    own = checked["results"]["own"]
+    assert own["intact"] is None and not own["ran"], own
+    for kind, file in (("metadata", ".metadata"), ("common_pt", "common.pt"), ("sharded_object", SHARD)):
+        assert file in own[kind] and "posix.system" in own[kind], (kind, own[kind])
 
 
 def test_the_allow_lists_accept_every_checkpoint_megatron_lm_and_we_write():

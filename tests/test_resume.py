@@ -17,6 +17,7 @@ same tensors, bitwise.
 
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -209,8 +210,7 @@ def interrupted(corpus, reference, tmp_path_factory):
     b. resumes inside the superposition phase; kill -9 while its first checkpoint is being written;
     c. resumes from the same checkpoint, crosses the phase switch; SIGTERM to its ranks in recovery: saves, exits 0,
        rank 0 writes $TST_EXIT_MARKER;
-    d. resumes in recovery and runs to the end; while it trains, the same command again (a second trainer on the
-       same --save directory: refused at once, d unharmed);
+    d. resumes in recovery and runs to the end;
     e. the same command once more (a requeued job whose run had ended): nothing to train, exits 0.
     The kill point is random on purpose (each run tries another); TST_RESUME_KILL_SEED=N replays a seed."""
     workdir = tmp_path_factory.mktemp("interrupted")
@@ -256,19 +256,13 @@ def interrupted(corpus, reference, tmp_path_factory):
     for pid in workers:  # as SLURM (or an operator) signals the training processes
         os.kill(pid, signal.SIGTERM)
     code, output = c.finish()
-    c_last = max(records_of(workdir / "c.jsonl"), default=0)
     out["c"] = {"code": code, "output": output, "workers": len(workers), "tracked": _tracked(ckpt),
                 "marker": open(marker).read() if marker.exists() else None,
                 "last_iteration": max(records_of(workdir / "c.jsonl"), default=0)}
 
-    # d. to the end; meanwhile the same command once more (a second trainer on the same --save directory)
+    # d. to the end
     marker.unlink(missing_ok=True)
     d = launch("d")
-    assert d.wait_until(lambda: d.last_iteration() >= c_last + 1), d.output()[-3000:]
-    twin = Trainer(command("twin"), workdir, "twin")
-    twin_code, twin_output = twin.finish()
-    out["twin"] = {"code": twin_code, "output": twin_output, "d_pid_alive": d.proc.poll() is None,
-                   "d_workers": d.workers(), "survivors": twin.survivors()}
     code, output = d.finish()
     out["d"] = {"code": code, "output": output, "marker": marker.exists()}
 
@@ -306,16 +300,42 @@ def test_sigterm_with_exit_signal_handler_saves_exits_0_and_writes_the_exit_mark
     assert interrupted["d"]["marker"] is False  # a run that ends normally writes none
 
 
-def test_a_second_trainer_on_the_same_save_directory_is_refused_at_once(interrupted):
-    """`--save`'s lock (loop/save_lock.py), held by d's rank 0: the twin's rank 0 refuses before reading or writing
-    anything, naming the directory and the holder; torchrun ends the twin's other rank; d trains on (its records
-    and final checkpoint are compared bitwise with the uninterrupted run's below)."""
-    twin, d = interrupted["twin"], interrupted["d"]
-    assert twin["code"] != 0 and twin["survivors"] == [], twin["output"][-3000:]
-    held = f"--save {interrupted['workdir'] / 'ckpt'} is in use by another trainer: process "
-    assert any(f"{held}{pid} on " in twin["output"] for pid in twin["d_workers"]), twin["output"][-3000:]
-    assert "building GPT model" not in twin["output"] and "saving checkpoint" not in twin["output"]
-    assert twin["d_pid_alive"] and len(twin["d_workers"]) == 2 and d["code"] == 0
+@pytest.fixture(scope="module")
+def two_trainers(corpus, tmp_path_factory):
+    """A trainer (the shared command line, made long: 20,000 steps) and, once it trains, the same command again on
+    its --save directory; then SIGTERM to the first (--exit-signal-handler: it saves and exits 0)."""
+    workdir = tmp_path_factory.mktemp("two_trainers")
+    ckpt = workdir / "ckpt"
+    argv = resume_flags(corpus) + ["--save", str(ckpt), "--load", str(ckpt), "--train-iters", "20000",
+                                   "--save-interval", "1000"]
+    first = Trainer(argv, workdir, "first")
+    assert first.wait_until(lambda: first.last_iteration() >= 1), first.output()[-3000:]
+    # (without --exit-signal-handler, which would defer torchrun's SIGTERM to the rank that waits for its rank 0 in
+    # Megatron-LM's initialisation until torchrun's SIGKILL 30 s later)
+    second = Trainer([a for a in argv if a != "--exit-signal-handler"], workdir, "second")
+    code, output = second.finish()
+    out = {"second": {"code": code, "output": output, "survivors": second.survivors()},
+           "first_alive": first.proc.poll() is None, "first_workers": first.workers(), "ckpt": ckpt}
+    for pid in out["first_workers"]:
+        os.kill(pid, signal.SIGTERM)
+    code, output = first.finish()
+    last = max((int(m) for m in re.findall(r" iteration +(\d+)/", output)), default=0)
+    out["first"] = {"code": code, "output": output, "tracked": _tracked(ckpt), "last": last}
+    return out
+
+
+def test_a_second_trainer_on_the_same_save_directory_is_refused_at_once(two_trainers):
+    """`--save`'s lock (loop/save_lock.py), held by the first trainer's rank 0: the second one's rank 0 refuses
+    before reading or writing anything, naming the directory and the holder; torchrun then ends its other rank; the
+    first trains on and ends with its checkpoint (SIGTERM: saved where it stopped)."""
+    second, first = two_trainers["second"], two_trainers["first"]
+    assert second["code"] != 0 and second["survivors"] == [], second["output"][-3000:]
+    held = f"--save {two_trainers['ckpt']} is in use by another trainer: process "
+    assert any(f"{held}{pid} on " in second["output"] for pid in two_trainers["first_workers"]), \
+        second["output"][-3000:]
+    assert "building GPT model" not in second["output"] and "saving checkpoint" not in second["output"]
+    assert two_trainers["first_alive"] and len(two_trainers["first_workers"]) == 2
+    assert first["code"] == 0 and first["tracked"] == first["last"] > 1, first["output"][-3000:]
 
 
 def test_kill_9_releases_the_save_directory(interrupted):
