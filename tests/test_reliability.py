@@ -399,3 +399,75 @@ def test_exit_duration_counts_from_the_registered_program_start_saves_and_exits_
     assert [r["exit_duration"]["status"] for r in results] == [0, 0], results[0]["exit_duration"]["tail"]
     assert "exiting program after 2.0" in results[0]["exit_duration"]["exiting"][0]
     assert (results[0]["exit_duration_tracker"] or "").strip() == "1"  # checked (all-reduce MAX) after the first step
+
+
+# ------------------------------------------------------------------------------------------ a failed save
+
+
+def save_failure_worker(directory, failing_rank):
+    """A TST run saving every 2 steps whose checkpoint write at iteration 4 fails on `failing_rank` alone: that
+    rank's file-size limit (RLIMIT_FSIZE) is set to 1 kB around Megatron-LM's `save_checkpoint` (the writes get
+    EFBIG, as on a full quota), the other rank writes normally. Returns (status or exception, seconds)."""
+    import resource
+    import signal
+    import time
+
+    import torch.distributed as dist
+    from megatron.training import training
+
+    from megatron_tst.testing.megatron_lm import run_pretrain
+
+    original, rank = training.save_checkpoint, dist.get_rank()
+
+    def save_checkpoint(iteration, *args, **kwargs):
+        limited = rank == failing_rank and iteration == 4
+        if limited:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+        try:
+            return original(iteration, *args, **kwargs)
+        finally:
+            if limited:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+    training.save_checkpoint = save_checkpoint
+    start = time.time()
+    try:
+        status = run_pretrain(tiny_args(train_iters=6) + ["--save", directory, "--save-interval", "2",
+                                                          "--distributed-timeout-minutes", "10"])
+    except BaseException as exc:  # noqa: BLE001  (what Megatron-LM raises, recorded as it is)
+        status = f"raised: {type(exc).__name__}: {exc}"
+    finally:
+        training.save_checkpoint = original
+    return status, time.time() - start
+
+
+@pytest.fixture(scope="module")
+def failed_saves(tmp_path_factory):
+    """{failing rank: (its --save directory, per-rank results)}; each case a fresh pair of gloo workers (a rank
+    that ends with an exception ends its process group)."""
+    out = {}
+    for failing_rank in (0, 1):
+        directory = tmp_path_factory.mktemp(f"failed_save_{failing_rank}")
+        out[failing_rank] = directory, run_in_workers(save_failure_worker, 2, args=(str(directory), failing_rank),
+                                                      timeout_s=300)
+    return out
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_a_save_failing_on_one_rank_ends_every_rank_and_keeps_the_last_checkpoint(failed_saves, failing_rank):
+    """No rank waits for the process group's timeout (10 minutes here; the workers' harness fails the test after
+    5): the shards are written through torch's distributed checkpoint, which gathers every rank's write result, so a
+    shard write failing on rank 1 raises a CheckpointException on both ranks at once, rank 0's naming the failure
+    (Megatron-Core's writer: "Worker failure: ... <class 'OSError'>", the EFBIG in its log). Rank 0 also writes
+    the common files alone: its failure there ends it with that OSError, and its peer's next collective with the
+    connection it lost (gloo; under torchrun, as the launch scripts run it, the agent ends the other ranks when one
+    fails, whatever the backend). The tracker keeps naming the last complete checkpoint, which the checkpoint
+    checks find intact."""
+    from megatron_tst.loop.checkpoint_checks import checkpoint_problem
+
+    directory, results = failed_saves[failing_rank]
+    assert all(str(status).startswith("raised: ") for status, _ in results), results
+    assert "OSError" in str(results[0][0]), results  # rank 1's EFBIG reaches rank 0 as Megatron-Core words it
+    assert (directory / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert checkpoint_problem(str(directory / "iter_0000002")) is None
