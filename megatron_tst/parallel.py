@@ -30,19 +30,6 @@ class Layout:
                    vpp=args.virtual_pipeline_model_parallel_size, etp=args.expert_tensor_parallel_size)
 
 
-def current_layout() -> Optional[Layout]:
-    """The layout megatron's parallel state is initialised with in this process (None: not initialised), with
-    Megatron's defaults filled in (expert TP = TP when not given)."""
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return None
-    return Layout(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
-                  ep=ps.get_expert_model_parallel_world_size(), cp=ps.get_context_parallel_world_size(),
-                  vpp=ps.get_virtual_pipeline_model_parallel_world_size(),
-                  etp=ps.get_expert_tensor_parallel_world_size())
-
-
 def initialize_parallel_state(layout: Layout) -> None:
     """(Re-)initialise megatron's parallel state with `layout` in this process (torch.distributed is up)."""
     from megatron.core import parallel_state

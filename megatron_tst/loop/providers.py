@@ -86,15 +86,13 @@ def stock_model_provider(pre_process: bool = True, post_process: bool = True, vp
     """Megatron-Core's unmodified GPTModel from the same flags (what Megatron-LM's gpt_builder builds), for tests and
     benchmarks that compare against it. Megatron-Core releases have no linear loss fusion: the stock model keeps the
     stock output layer and loss when `--cross-entropy-fusion-impl linear` is given."""
-    import dataclasses as _dataclasses
-
     from megatron.core.models.gpt import GPTModel
     from megatron.training import get_args
     from megatron.training.arguments import core_transformer_config_from_args
 
     config = config or core_transformer_config_from_args(get_args())
     if config.cross_entropy_fusion_impl == "linear":
-        config = _dataclasses.replace(config, cross_entropy_loss_fusion=False, cross_entropy_fusion_impl="native")
+        config = dataclasses.replace(config, cross_entropy_loss_fusion=False, cross_entropy_fusion_impl="native")
     return _build(GPTModel, pre_process, post_process, vp_stage, config, pg_collection)
 
 

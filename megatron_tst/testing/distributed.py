@@ -46,9 +46,8 @@ def init_worker(rank: int, world_size: int, port: int, layout: Optional[Layout],
     if num_threads:
         torch.set_num_threads(num_threads)
     cpu.enable()
-    # Always gloo, even where CUDA exists: these are CPU test and benchmark helpers (global_view gathers
-    # into CPU buffers, which NCCL refuses), and every rank would share one GPU anyway. GPU runs go
-    # through the trainer's `build.setup_parallel`, which sets each rank's device for NCCL.
+    # Always gloo, even where CUDA exists: these are CPU test and benchmark helpers, and every rank would share
+    # one GPU anyway. GPU runs go through Megatron-LM's `initialize_megatron`, which sets each rank's device.
     dist.init_process_group(
         backend="gloo",
         init_method=f"tcp://127.0.0.1:{port}",
