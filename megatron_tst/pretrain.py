@@ -68,10 +68,17 @@ def start_run(args):
         plan = run.plan
         print_rank_0(f"TST: bag size {run.tst.bag_size}, {plan.superposition_steps} superposition steps "
                      f"({plan.superposition_samples} samples of {plan.bag_size} x {plan.seq_length} tokens), then "
-                     f"recovery ({run.tst.weighting} weighting, {run.tst.sample_layout} samples)")
+                     f"recovery ({run.tst.weighting} weighting, {_recovery_order(plan)})")
         for warning in tst_run.degenerate_settings(run, args, data_checks.train_split_tokens(args)):
             print_rank_0(f"warning: {warning}")
     return run
+
+
+def _recovery_order(plan) -> str:
+    if plan.sample_layout != "contiguous":
+        return "segments: stock samples in order"
+    return (f"contiguous windows read in blocks of {plan.block_windows} windows over {plan.bag_size} steps, "
+            "one piece of each window per step")
 
 
 def _lock_save_directory(args) -> None:

@@ -8,18 +8,27 @@ its index, and the phase switch and every resume follow from Megatron's own book
 
     sample i <  N_sup: a superposition row, one contiguous window of s*L raw tokens (+1 label token) of the
                        document stream: window i (bags `tokens.view(L, s)`, next-bag targets [L, s]);
-    sample i >= N_sup: a recovery sample of L tokens: baseline sample b = N_sup*s + (i - N_sup), i.e. piece b % s
-                       of window b // s (tokens [(b % s)*L, (b % s + 1)*L] of that window).
+    sample i >= N_sup: a recovery sample of L tokens, one piece (L tokens, [p*L, (p+1)*L] of a window) of the
+                       windows after N_sup, read in blocks: G windows (G = --global-batch-size) over s steps, step
+                       k of a block taking piece k of each of its G windows (`SamplePlan.baseline_sample`).
 
 N_sup is what the superposition steps consume: `superposition_steps * global batch size` (with a batch-size
 ramp-up, what Megatron's micro-batch calculator gives those steps). Windows are Megatron's `GPTDataset` samples at
 sequence length s*L (`BlendedMegatronDatasetBuilder`: blends, splits, shuffling, caching all Megatron's): the
-shuffle moves whole windows, and baseline sample b is exactly the L-sample Megatron's unshuffled sample index puts
-at position b % s of window b // s (a sample starts with the token that ends the previous one).
+shuffle moves whole windows, so a step's G windows are as diverse as G of Megatron's stock samples. Baseline sample
+b (the ids `--record-data-stream` writes) is piece b % s of window b // s, the L-sample Megatron's unshuffled
+sample index puts there (a sample starts with the token that ends the previous one).
 
-The invariant (tests/test_sample_layout.py): over the run the raw tokens trained on are a prefix of the window
-stream, each once, none skipped, across the switch and any resume; a run with the same data flags and
-`--tst-superposition-ratio 0` (the same-stream baseline of a comparison) reads the same stream sample by sample.
+Blocks: any G consecutive recovery samples come from G distinct windows (also across block boundaries and under a
+batch-size ramp, whose steps are at most G samples), and after each block exactly its G windows are consumed. A run
+whose recovery phase ends inside a block reads a last, cut block instead: the m whole windows and e pieces of one
+more that its remaining m*s + e samples hold, piece by piece across them, so that at the end of the run too the
+trained tokens are a prefix of the window stream (its steps hold m + 1 < G windows: the most a prefix allows).
+
+The invariant (tests/test_sample_layout.py): over the run every raw token of a prefix of the window stream is
+trained on once, none skipped, across the switch and any resume (the mapping is a function of the sample index);
+a run with the same data flags and `--tst-superposition-ratio 0` (the same-stream baseline of a comparison) reads
+the same stream: the same windows in the same order, its recovery blocks starting at window 0.
 
 The "segments" layout (`--tst-sample-layout segments`, a deviation from the paper kept for runs that must read a
 stock Megatron-LM baseline's sample order) reads Megatron's stock `GPTDataset` of length L instead: superposition
@@ -92,6 +101,8 @@ class SamplePlan:
         superposition_steps: S, the optimizer steps of the superposition phase.
         superposition_samples: N_sup, the samples those steps consume (rows of s*L tokens each).
         sample_layout: "contiguous" (windows) or "segments" (s stock samples per row); see the module docstring.
+        block_windows: G, the windows of a recovery block (--global-batch-size; 1 reads each window's pieces in
+            consecutive samples). Only the contiguous layout has blocks.
         tst: whether the run has `--tst-*` flags (its train samples are TST's stream, also with 0 superposition
             steps: the same-stream baseline); otherwise they are Megatron's stock samples.
     """
@@ -103,6 +114,7 @@ class SamplePlan:
     superposition_steps: int = 0
     superposition_samples: int = 0
     sample_layout: str = "contiguous"
+    block_windows: int = 1
 
     @classmethod
     def from_megatron(cls, args, tst: Optional[TSTConfig]) -> "SamplePlan":
@@ -126,7 +138,7 @@ class SamplePlan:
         return cls(seq_length=args.seq_length, total_samples=total, tst=tst is not None,
                    bag_size=tst.bag_size if tst else 1,
                    superposition_steps=steps, superposition_samples=superposition_samples,
-                   sample_layout=tst.sample_layout if tst else "contiguous")
+                   sample_layout=tst.sample_layout if tst else "contiguous", block_windows=args.global_batch_size)
 
     # ------------------------------------------------------------------------------------------------ phases
 
@@ -147,6 +159,38 @@ class SamplePlan:
     def raw_tokens_before(self, consumed_samples: int) -> int:
         """Raw tokens in Megatron's first `consumed_samples` train samples (s*L per superposition row)."""
         return self.baseline_samples_before(consumed_samples) * self.seq_length
+
+    def baseline_sample(self, index: int) -> int:
+        """The baseline sample (piece b % s of window b // s) that recovery sample `index` >= N_sup reads.
+
+        Contiguous layout: recovery samples go in blocks of G*s (G = `block_windows`) over windows N_sup + k*G ...;
+        sample t of a block is piece t // G of the block's window t % G. The last block of the run, when the run
+        ends inside it, is cut to the m windows and e pieces its m*s + e samples hold and read piece by piece
+        across them (module docstring). Samples past the run (Megatron's sampler's one extra) follow in stream
+        order. The segments layout reads stock samples in order: N_sup*s + (index - N_sup).
+        """
+        first = self.superposition_samples * self.bag_size  # window N_sup, piece 0
+        r, recovery = index - self.superposition_samples, self.total_samples - self.superposition_samples
+        if self.sample_layout != "contiguous" or not 0 <= r < recovery:
+            return first + r
+        block = self.block_windows * self.bag_size
+        whole = recovery - recovery % block  # samples in whole blocks
+        if r < whole:
+            start, piece, window = r - r % block, *divmod(r % block, self.block_windows)
+        else:
+            start = whole
+            piece, window = _piece_by_piece(r - whole, *divmod(recovery - whole, self.bag_size))
+        return first + start + window * self.bag_size + piece
+
+    @property
+    def cut_block_start(self) -> int:
+        """Index of the first sample of the run's last recovery block when the run ends inside it (it is cut short,
+        `baseline_sample`); `total_samples` when the run ends on a block boundary or has no blocks (segments).
+        Two plans with the same N_sup, s and G read every sample before the earlier of theirs alike."""
+        if self.sample_layout != "contiguous":
+            return self.total_samples
+        return self.total_samples - (self.total_samples - self.superposition_samples) % (
+            self.block_windows * self.bag_size)
 
     @property
     def samples_per_window(self) -> int:
@@ -173,6 +217,16 @@ class SamplePlan:
         """What a run's stream is made of, for the resume checks (`loop.resume`)."""
         return {"sample_layout": self.sample_layout if self.tst else None,
                 "samples_per_window": self.samples_per_window}
+
+
+def _piece_by_piece(t: int, windows: int, extra: int) -> tuple:
+    """(piece, window) of sample t of a block of `windows` whole windows and `extra` pieces of one more, read piece
+    by piece across the windows: pieces 0..extra-1 of windows + 1 windows, then the rest of `windows` windows."""
+    wide = extra * (windows + 1)
+    if t < wide:
+        return divmod(t, windows + 1)
+    piece, window = divmod(t - wide, windows)
+    return extra + piece, window
 
 
 def _train_iters_of_samples(args) -> int:
@@ -229,16 +283,13 @@ class TSTTrainDataset(torch.utils.data.Dataset):
             raise ValueError(f"the train dataset holds {len(source)} samples of {plan.source_sequence_length()} "
                              f"tokens, the run reads {plan.source_samples_needed()}")
         self.source, self.plan, self.ignore_index = source, plan, ignore_index
-        self._cached = (None, None)  # (source index, its fields): recovery reads each window s times in a row
 
     def __len__(self) -> int:
         return self.plan.dataset_length
 
     def _fields(self, index: int) -> dict:
-        if self._cached[0] != index:
-            sample = self.source[index]
-            self._cached = (index, {key: torch.as_tensor(sample[key]) for key in ("tokens", "labels", "loss_mask")})
-        return self._cached[1]
+        sample = self.source[index]
+        return {key: torch.as_tensor(sample[key]) for key in ("tokens", "labels", "loss_mask")}
 
     def __getitem__(self, index: int) -> dict:
         plan, s, length = self.plan, self.plan.bag_size, self.plan.seq_length
@@ -253,7 +304,7 @@ class TSTTrainDataset(torch.utils.data.Dataset):
             item = superposition_item(fields["tokens"], fields["labels"], fields["loss_mask"], s,
                                       segment_length=segment, ignore_index=self.ignore_index)
         else:
-            baseline = plan.baseline_samples_before(index)
+            baseline = plan.baseline_sample(index)
             ids = range(baseline, baseline + 1)
             if plan.sample_layout == "contiguous":
                 window, piece = divmod(baseline, s)

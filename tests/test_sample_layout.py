@@ -5,9 +5,13 @@ ids (document d = a_d, a_d + 1, ..., then EOD), and no id other than EOD occurs 
 * Every superposition row the trainer trains on (recorded by --record-data-stream) is one contiguous run of the
   document stream, broken only at EOD tokens, where one document ends and another begins.
 * A whole TST run through Megatron-LM's loop (superposition, switch, recovery; DP=2; stopped by --exit-interval and
-  resumed inside the superposition phase and exactly at the switch) trains on no token id twice, and the tokens it
-  trains on, in baseline-sample order, are exactly a prefix of the window stream: Megatron-Core's own GPTDataset of
-  s*L-token windows (built here independently of the trainer, with stock Megatron-Core calls), in its shuffled order.
+  resumed inside the superposition phase, exactly at the switch and in the middle of a recovery block) trains on no
+  token id twice, and the tokens it trains on, in baseline-sample order, are exactly a prefix of the window stream:
+  Megatron-Core's own GPTDataset of s*L-token windows (built here independently of the trainer, with stock
+  Megatron-Core calls), in its shuffled order; it trains on what an uninterrupted run trains on, step by step.
+* Each recovery step's G samples come from G distinct windows (blocks of G windows over s steps, step k of a block
+  taking piece k of each); a run ending inside a block reads its cut last block across as many windows as a
+  prefix allows.
 * The baseline of the comparison (--tst-superposition-ratio 0, same bag size) reads the same stream.
 * --seq-length 64 with --tst-bag-size 6 (64 % 6 != 0) is accepted and trains.
 * A checkpoint whose stream this run cannot continue exactly is refused with the way forward named.
@@ -26,7 +30,8 @@ from test_checkpoints import VOCAB_FLAG
 V = 8192  # NullTokenizer --vocab-size 8192 (ids < 8000 used; EOD below)
 EOD = 8191
 L, S, G = 64, 6, 4  # positions, bag size (64 % 6 != 0), global batch
-SUP_ITERS, TRAIN_ITERS = 3, 7
+SUP_ITERS, TRAIN_ITERS = 3, 13  # recovery: a whole block (s = 6 steps) and a block cut to 4 steps
+MID_BLOCK = SUP_ITERS + 3  # a stop in the middle of the first recovery block
 SEED = 1234
 
 FLAGS = (f"--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length {L} --max-position-embeddings {L} "
@@ -105,7 +110,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def block_stream(corpus, tmp_path_factory):
     """The token ids of the window stream: Megatron's windows of S*L tokens in its (shuffled) order, concatenated."""
-    windows = reference_dataset(corpus[0], S * L, 16, str(tmp_path_factory.mktemp("ref_cache")))
+    windows = reference_dataset(corpus[0], S * L, 20, str(tmp_path_factory.mktemp("ref_cache")))
     return np.concatenate([windows[j]["tokens"].numpy() for j in range(len(windows))])
 
 
@@ -120,16 +125,19 @@ def _records(stream_dir):
     return out
 
 
-def stream_worker(prefix, tst_dir, base_dir):
-    """The TST run in three pieces (stopped at iteration 2, inside the superposition phase, and at 3, exactly at the
-    switch; each time saved and resumed), and the baseline of the comparison, both recording their streams."""
+def stream_worker(prefix, tst_dir, whole_dir, base_dir):
+    """The TST run in four pieces (stopped at iteration 2, inside the superposition phase, at 3, exactly at the
+    switch, and at 6, in the middle of a recovery block; each time saved and resumed), the same run uninterrupted,
+    and the baseline of the comparison, all recording their streams."""
     from megatron_tst.testing.megatron_lm import run_pretrain
 
-    common = FLAGS + ["--data-path", prefix, "--data-cache-path", f"{tst_dir}/cache", "--save", f"{tst_dir}/ckpt",
-                      "--load", f"{tst_dir}/ckpt", "--save-interval", "1000",
-                      "--record-data-stream", f"{tst_dir}/stream", "--tst-superposition-iters", str(SUP_ITERS)]
-    stops = (["--exit-interval", "2"], ["--exit-interval", str(SUP_ITERS)], [])
+    data = FLAGS + ["--data-path", prefix, "--tst-superposition-iters", str(SUP_ITERS)]
+    common = data + ["--data-cache-path", f"{tst_dir}/cache", "--save", f"{tst_dir}/ckpt", "--load",
+                     f"{tst_dir}/ckpt", "--save-interval", "1000", "--record-data-stream", f"{tst_dir}/stream"]
+    stops = (["--exit-interval", "2"], ["--exit-interval", str(SUP_ITERS)], ["--exit-interval", str(MID_BLOCK)], [])
     codes = [run_pretrain(common + stop) for stop in stops]
+    codes.append(run_pretrain(data + ["--data-cache-path", f"{whole_dir}/cache",
+                                      "--record-data-stream", f"{whole_dir}/stream"]))
     codes.append(run_pretrain(FLAGS + ["--data-path", prefix, "--data-cache-path", f"{base_dir}/cache",
                                        "--record-data-stream", f"{base_dir}/stream",
                                        "--tst-superposition-ratio", "0"]))
@@ -138,11 +146,10 @@ def stream_worker(prefix, tst_dir, base_dir):
 
 @pytest.fixture(scope="module")
 def runs(corpus, tmp_path_factory):
-    tst_dir, base_dir = tmp_path_factory.mktemp("tst"), tmp_path_factory.mktemp("baseline")
-    codes = run_in_workers(stream_worker, 2, args=(corpus[0], str(tst_dir), str(base_dir)))[0]
-    assert codes == [0, 0, 0, 0]
-    return {"tst": {"dir": tst_dir, "records": _records(tst_dir / "stream")},
-            "baseline": {"dir": base_dir, "records": _records(base_dir / "stream")}}
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("tst", "uninterrupted", "baseline")}
+    codes = run_in_workers(stream_worker, 2, args=(corpus[0], *(str(d) for d in dirs.values())))[0]
+    assert codes == [0] * 6
+    return {name: {"dir": d, "records": _records(d / "stream")} for name, d in dirs.items()}
 
 
 def _tokens_by_sample(records):
@@ -169,6 +176,56 @@ def test_the_run_resumed_inside_the_superposition_phase_and_at_the_switch_trains
                                                + [("recovery", False)] * (TRAIN_ITERS - SUP_ITERS))
 
 
+def _by_step(records):
+    """{iteration: [(sample ids, tokens) of each of its micro-batches, every rank's]} of a run."""
+    steps = {}
+    for record in records:
+        steps.setdefault(record["iteration"], []).append((record["sample_ids"], record["tokens"]))
+    return steps
+
+
+@pytest.mark.e2e
+def test_a_run_resumed_in_the_middle_of_a_recovery_block_trains_what_an_uninterrupted_run_trains(runs):
+    resumed, whole = _by_step(runs["tst"]["records"]), _by_step(runs["uninterrupted"]["records"])
+    assert sorted(resumed) == sorted(whole) == list(range(TRAIN_ITERS))
+    for iteration in whole:
+        assert sorted(resumed[iteration]) == sorted(whole[iteration]), f"iteration {iteration}"
+
+
+def _windows_of_steps(records):
+    """{iteration: [(window, piece) of each of its samples]} of the recovery steps (baseline id b: piece b % s of
+    window b // s)."""
+    steps = {}
+    for record in records:
+        if record["phase"] == "recovery":
+            steps.setdefault(record["iteration"], []).extend(divmod(b, S) for ids in record["sample_ids"] for b in ids)
+    return steps
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("run", ["tst", "baseline"])
+def test_each_recovery_step_reads_g_distinct_windows_in_blocks(runs, run):
+    steps = _windows_of_steps(runs[run]["records"])
+    first = min(steps)  # the first recovery step: a block of G windows over s steps starts there
+    whole_blocks = (TRAIN_ITERS - first) // S
+    for iteration, pieces in sorted(steps.items()):
+        windows = [w for w, _ in pieces]
+        block, k = divmod(iteration - first, S)
+        if block < whole_blocks:  # step k of a block: piece k of each of the block's G windows
+            assert len(set(windows)) == G, (iteration, pieces)
+            assert {p for _, p in pieces} == {k}
+            block_windows = {w for i, ps in steps.items() if (i - first) // S == block for w, _ in ps}
+            assert len(block_windows) == G
+    # the cut last block: its 4 steps x G samples are 2 whole windows and 4 pieces of one more (TST; the baseline's
+    # 4 samples are 4 pieces of one window), read piece by piece across them
+    cut_steps = [ps for i, ps in sorted(steps.items()) if (i - first) // S == whole_blocks]
+    cut = [p for ps in cut_steps for p in ps]
+    assert len(cut) == len(set(cut)) == (TRAIN_ITERS - first - whole_blocks * S) * G
+    assert len({w for w, _ in cut}) == -(-len(cut) // S)
+    for before, after in zip(cut_steps, cut_steps[1:]):  # piece by piece: no step reads a lower piece than before
+        assert max(p for _, p in before) <= min(p for _, p in after)
+
+
 @pytest.mark.e2e
 def test_every_superposition_row_is_one_contiguous_window(runs, corpus):
     _, firsts, lasts = corpus
@@ -193,7 +250,7 @@ def test_no_token_twice_and_the_trained_tokens_are_a_prefix_of_the_window_stream
 @pytest.mark.e2e
 def test_the_baseline_of_the_comparison_reads_the_same_stream(runs, block_stream):
     base = _tokens_by_sample(runs["baseline"]["records"])
-    tst = _tokens_by_sample(runs["tst"]["records"])
+    tst = _tokens_by_sample(runs["uninterrupted"]["records"])
     assert sorted(base) == list(range(TRAIN_ITERS * G))
     assert all(base[k] == tst[k] for k in base)
     trained = np.concatenate([base[k] for k in range(TRAIN_ITERS * G)])
@@ -245,7 +302,7 @@ def _plan(total, *, bag=S, steps=SUP_ITERS, layout="contiguous", seq_length=L):
     from megatron_tst.stream import SamplePlan
 
     return SamplePlan(seq_length=seq_length, total_samples=total, tst=True, bag_size=bag, superposition_steps=steps,
-                      superposition_samples=steps * G, sample_layout=layout)
+                      superposition_samples=steps * G, sample_layout=layout, block_windows=G)
 
 
 def _collate(dataset, indices):
@@ -275,11 +332,47 @@ def test_contiguity_check_fails_on_segment_rows_and_passes_on_windows(corpus, tm
     assert contiguous["sample_ids"].tolist() == [list(range(i * S, i * S + S)) for i in range(G)]
 
 
+def _blocks_by_construction(first_window, recovery_samples, bag, g):
+    """The (window, piece) of each recovery sample, built literally: blocks of g windows, each read piece by piece
+    (piece 0 of every window of the block, then piece 1, ...); the last block holds the windows and pieces that the
+    remaining samples cover, read the same way. An independent reference for `SamplePlan.baseline_sample`."""
+    order, window = [], first_window
+    while len(order) < recovery_samples:
+        left = recovery_samples - len(order)
+        if left >= g * bag:
+            pieces = {window + j: bag for j in range(g)}
+        else:  # the cut block: whole windows, then what is left of one more
+            pieces = {window + j: bag for j in range(left // bag)}
+            if left % bag:
+                pieces[window + left // bag] = left % bag
+        for piece in range(bag):
+            order += [(w, piece) for w, n in pieces.items() if piece < n]
+        window += len(pieces)
+    return order
+
+
 @pytest.mark.unit
-def test_recovery_reads_the_windows_sample_by_sample(corpus, tmp_path):
-    """Recovery sample i is baseline sample k = N_sup*s + (i - N_sup) = tokens [(k % s) L, (k % s + 1) L] of window
-    k // s, which is what Megatron's *unshuffled* L-sample index holds there (consecutive samples share their
-    boundary token)."""
+@pytest.mark.parametrize("bag,g,sup_samples,total", [(6, 4, 12, 12 + 3 * 4), (6, 4, 12, 12 + 10 * 4), (4, 4, 0, 40),
+                                                      (6, 1, 12, 30), (4, 16, 48, 48 + 105 * 16), (2, 3, 6, 7)])
+def test_recovery_blocks_match_their_construction(bag, g, sup_samples, total):
+    """Recovery sample i reads the (window, piece) of the literal block construction; any G consecutive samples
+    outside the cut last block come from G distinct windows; all are read once, a prefix of the stream."""
+    from megatron_tst.stream import SamplePlan
+
+    plan = SamplePlan(seq_length=L, total_samples=total, tst=True, bag_size=bag, superposition_steps=1,
+                      superposition_samples=sup_samples, block_windows=g)
+    got = [divmod(plan.baseline_sample(i), bag) for i in range(sup_samples, total)]
+    assert got == _blocks_by_construction(sup_samples, total - sup_samples, bag, g)
+    assert sorted(w * bag + p for w, p in got) == list(range(sup_samples * bag, sup_samples * bag + len(got)))
+    for start in range(sup_samples, plan.cut_block_start - g + 1):
+        assert len({plan.baseline_sample(i) // bag for i in range(start, start + g)}) == g
+    assert plan.baseline_sample(total) == sup_samples * bag + total - sup_samples  # Megatron's one extra sample
+
+
+@pytest.mark.unit
+def test_recovery_items_are_the_pieces_of_megatron_windows(corpus, tmp_path):
+    """Recovery sample i is tokens [p L, (p + 1) L] of window w, (w, p) = divmod(baseline_sample(i), s): what
+    Megatron's *unshuffled* L-sample index holds there (consecutive samples share their boundary token)."""
     from megatron_tst.stream import TSTTrainDataset
 
     sup_samples = SUP_ITERS * G
@@ -287,14 +380,13 @@ def test_recovery_reads_the_windows_sample_by_sample(corpus, tmp_path):
     raw = reference_dataset(corpus[0], S * L, sup_samples + 3 * G // S + 1, str(tmp_path / "w"))
     dataset = TSTTrainDataset(raw, _plan(total))
     assert len(dataset) == total + 1  # one past the run (Megatron's sampler: consumed < length, also at the end)
-    for i in range(sup_samples, total + 1):
+    order = _blocks_by_construction(sup_samples, total - sup_samples, S, G) + [divmod(sup_samples * S + 3 * G, S)]
+    for i, (w, p) in zip(range(sup_samples, total + 1), order):
         item = dataset[i]
-        k = sup_samples * S + (i - sup_samples)
-        window = raw[k // S]
-        piece = slice((k % S) * L, (k % S + 1) * L)
-        assert item["sample_ids"].tolist() == [k]
-        assert item["tokens"].tolist() == window["tokens"][piece].tolist()
-        assert item["labels"].tolist() == window["labels"][piece].tolist()
+        piece = slice(p * L, (p + 1) * L)
+        assert item["sample_ids"].tolist() == [w * S + p]
+        assert item["tokens"].tolist() == raw[w]["tokens"][piece].tolist()
+        assert item["labels"].tolist() == raw[w]["labels"][piece].tolist()
         assert item["position_ids"].tolist() == list(range(L))
         assert "tst_targets" not in item
     with pytest.raises(ValueError, match="holds .* samples of 384 tokens, the run reads"):
@@ -365,3 +457,30 @@ def test_no_recovery_phase_is_refused():
         superposition_steps(TSTConfig(bag_size=4, superposition_iters=10), 10)
     assert superposition_steps(TSTConfig(bag_size=4, superposition_ratio=0.3), 10) == 3
     assert superposition_steps(None, 10) == 0
+
+
+@pytest.mark.unit
+def test_another_run_length_continues_a_checkpoint_unless_it_stopped_in_a_cut_block():
+    """A checkpoint that stopped inside its run's cut last recovery block cannot be continued by a run of another
+    length (it reads those samples in another order); before that block, or after a run that ended on a block
+    boundary, it can."""
+    from megatron.core import num_microbatches_calculator as calculator
+
+    from megatron_tst.loop.resume import _cut_block_mismatch
+
+    calculator.destroy_num_microbatches_calculator()
+    calculator.init_num_microbatches_calculator(rank=0, global_batch_size=G, micro_batch_size=1, data_parallel_size=1,
+                                                decrease_batch_size_if_needed=False, rampup_batch_size=None)
+    try:
+        run = lambda iters: _megatron_args(train_iters=iters, tst_superposition_ratio=None, tst_superposition_iters=3)
+        # 13 steps: 3 superposition, a whole block of S = 6 recovery steps (samples 12..35), a block cut to 4 steps
+        message = _cut_block_mismatch(run(19), run(13), consumed=(SUP_ITERS + 8) * G)
+        assert message and "inside the last recovery block of a run of 52 samples" in message
+        assert "Keep the checkpoint's --train-iters" in message and "--finetune" in message
+        assert _cut_block_mismatch(run(19), run(13), consumed=(SUP_ITERS + S) * G) is None  # before the cut block
+        assert _cut_block_mismatch(run(13), run(13), consumed=(SUP_ITERS + 8) * G) is None  # the same run
+        assert _cut_block_mismatch(run(21), run(15), consumed=15 * G) is None  # 15 steps end on a block boundary
+        plain = _megatron_args(tst_bag_size=None, tst_superposition_ratio=None)  # no TST before
+        assert _cut_block_mismatch(run(19), plain, consumed=48) is None
+    finally:
+        calculator.destroy_num_microbatches_calculator()

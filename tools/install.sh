@@ -44,11 +44,11 @@ fi
 "${pip[@]}" torch==2.13.0 triton
 "${pip[@]}" --no-deps --ignore-requires-python "megatron-core==$mcore"
 # megatron-tst itself (its requirement megatron-core is met above), then Megatron's pure-Python requirements and
-# our extras by name (constraints.txt keeps torch at the CPU build); typing_extensions stands in for Python
+# our extras by name (lm-eval: downstream evaluation, tools/evaluate.py) (constraints.txt keeps torch at the CPU build); typing_extensions stands in for Python
 # 3.12's typing.override (megatron_tst/platform/megatron_lm.py).
 "${pip[@]}" --no-deps -e .
 "${pip[@]}" -c constraints.txt "packaging>=24.2" numpy psutil typing_extensions transformers tokenizers \
-    sentencepiece tensorboard matplotlib pyyaml pytest pytest-randomly ruff
+    sentencepiece tensorboard matplotlib pyyaml pytest pytest-randomly ruff lm-eval==0.4.13
 if "$venv/bin/python" -c 'import torch, sys; sys.exit(torch.version.cuda is None)'; then
   echo "warning: a CUDA build of torch is installed in $venv" >&2
 fi

@@ -1,26 +1,33 @@
-"""An equal-FLOPs miniature of the TST paper's experiment on CPU: a baseline run and a TST run, then a comparison.
+"""An equal-FLOPs miniature of the TST paper's experiment on CPU: a TST run and two baselines, then a comparison of
+their validation losses and of their final checkpoints downstream.
 
-    python tools/replicate.py --out runs/replicate [--steps 300 --bag-size 4 --ratio 0.3 ...] [--force]
+    python tools/replicate.py --out runs/replicate [--steps 150 --bag-size 4 --ratio 0.3 ...] [--force]
 
-Both runs train the same small Llama-style model (RoPE, RMSNorm, SwiGLU, GQA, untied embeddings, no dropout)
+The three runs train the same small Llama-style model (RoPE, RMSNorm, SwiGLU, GQA, untied embeddings, no dropout)
 on the demo corpus (tools/build_demo_data.py, built into --data-dir when missing) with the same steps, the
-same positions per step (global batch x seq length), the same warmup-stable-decay LR schedule and the same
-seed and the same data stream (both give ``--tst-bag-size S --tst-sample-layout LAYOUT``; the baseline has
-``--tst-superposition-ratio 0``, the TST run ``R``). Each run is
-``torchrun --standalone --nproc-per-node 2 -m megatron_tst.pretrain ...`` (DP=2, gloo on CPU) writing
-``--metrics-jsonl``; then tools/compare_runs.py (in this process: its reader, report and plots) gives the
-equal-loss speedup, the equal-FLOPs loss gap and the plots.
+same positions per step (global batch x seq length), the same warmup-stable-decay LR schedule and the same seed:
+
+- ``tst``: ``--tst-bag-size S --tst-sample-layout LAYOUT --tst-superposition-ratio R``;
+- ``baseline`` (same stream): the same flags with ``--tst-superposition-ratio 0``: it reads the TST run's stream
+  (the same windows in the same order; recovery reads them in blocks of G windows, megatron_tst/stream.py);
+- ``stock`` (stock order): no ``--tst-*`` flag, plain Megatron-LM: Megatron's own shuffle of L-token samples.
+
+Each run is ``torchrun --standalone --nproc-per-node 2 -m megatron_tst.pretrain ...`` (DP=2, gloo on CPU) writing
+``--metrics-jsonl`` and a final checkpoint (``--save OUT/NAME/checkpoints``); then tools/compare_runs.py (in this
+process: its reader, report and plots) gives the equal-loss speedups, the equal-FLOPs loss gaps and the plots, and
+tools/evaluate.py scores the three final checkpoints on the downstream tasks (``--tasks``; default the offline
+next-line cloze built from the demo corpus's held-out split, tools/build_cloze_task.py).
 
 A run whose metrics already hold the final evaluation (at --steps), made with the same trainer flags, is
-skipped unless --force; any other is started over. The defaults (6 layers, hidden 384, seq 192, global
-batch 16, 300 steps, s=4, r=0.3) take about 30 minutes on 2 CPU cores and keep both runs within one epoch
-of the 1.8M-token train split (the TST run reads s x the samples per step in its superposition phase;
-both runs read the same shuffled block stream, the TST run just reads further).
+skipped unless --force; any other is started over. The defaults (4 layers, hidden 256, seq 192, global batch 16,
+150 steps, s=4, r=0.3) take about 20 minutes on 2 CPU cores and keep every run within one epoch of the 1.8M-token
+train split (the TST run reads s x the samples per step in its superposition phase).
 
-Writes into --out: baseline.jsonl, tst.jsonl, their logs (*.log), wall times (*.wall.json), the
-compare_runs plots (eval_loss_vs_{steps,flops,tokens,wall_time}.png, train_loss_vs_steps.png), and
-summary.json (configuration, commands, wall times, epochs of data, the comparison, the phase switch).
-Prints a markdown table. ``--publish DIR`` also copies summary.json and the main plots to DIR.
+Writes into --out: {tst,baseline,stock}.jsonl, their logs (*.log), wall times (*.wall.json), checkpoints, the
+compare_runs plots (eval_loss_vs_{steps,flops,tokens,wall_time}.png, train_loss_vs_steps.png), downstream.{json,md}
+and summary.json (configuration, commands, wall times, epochs of data, the comparisons, the phase switch, the
+downstream table). Prints markdown tables. ``--publish DIR`` also copies summary.json, downstream.md and the main
+plots to DIR.
 """
 
 from __future__ import annotations
@@ -47,17 +54,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/replicate", help="output directory")
     p.add_argument("--data-dir", default="data/demo", help="demo data (built there when missing)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps of each run")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps of each run")
     p.add_argument("--bag-size", type=int, default=4, help="TST bag size s")
     p.add_argument("--ratio", type=float, default=0.3, help="TST superposition ratio r")
     p.add_argument("--weighting", default="uniform", choices=("uniform", "power", "exp", "first"))
     p.add_argument("--sample-layout", default="contiguous", choices=("contiguous", "segments"),
                    help="--tst-sample-layout of both runs: superposition rows of s*L contiguous tokens (the paper's) "
                         "or s unrelated samples of L tokens")
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--hidden", type=int, default=384)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--kv-groups", type=int, default=3, help="GQA query groups")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-groups", type=int, default=2, help="GQA query groups")
     p.add_argument("--ffn-hidden-size", type=int, help="default: the trainer's (SwiGLU: 2/3 of 4 x hidden)")
     p.add_argument("--seq-length", type=int, default=192,
                    help="positions per sample (divisible by s for --sample-layout segments)")
@@ -72,7 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--nproc", type=int, default=2, help="torchrun processes (data-parallel size)")
     p.add_argument("--trainer-flag", action="append", default=[],
-                   help="one more trainer flag for both runs, e.g. --trainer-flag=--bf16 (repeatable)")
+                   help="one more trainer flag for every run, e.g. --trainer-flag=--bf16 (repeatable)")
+    p.add_argument("--tasks", default="tst_demo_cloze",
+                   help="lm-eval tasks for the final checkpoints (comma-separated; tools/evaluate.py); 'none' skips")
+    p.add_argument("--eval-limit", type=int, help="documents per task (lm-eval --limit; default all)")
     p.add_argument("--force", action="store_true", help="rerun runs that already finished")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     p.add_argument("--publish", help="also copy summary.json and the main plots to this directory")
@@ -107,9 +117,19 @@ def common_flags(args, data_prefix: str, tokenizer: str, cache: str) -> list:
     return flags.split() + ffn + [f for flag in args.trainer_flag for f in flag.split()]
 
 
+RUNS = ("baseline", "tst", "stock")  # the same-stream baseline first: compare_runs compares the others with it
+
+
+def labels(args) -> dict:
+    """{run name: its label in tables and plots}."""
+    return {"baseline": "baseline (same stream)", "tst": f"TST (s={args.bag_size}, r={args.ratio})",
+            "stock": "baseline (stock order)"}
+
+
 def run_commands(args) -> dict:
-    """{name: argv} of the baseline and the TST run: identical but for the number of superposition steps (the
-    baseline has none; both give the bag size and layout, so both read the same data stream)."""
+    """{name: argv} of the three runs: the TST run and its same-stream baseline differ only in the number of
+    superposition steps (both give the bag size and layout, so both read the same data stream); the stock-order
+    baseline gives no --tst-* flag. Each saves its final checkpoint."""
     data_prefix = os.path.join(args.data_dir, "demo_text_document")
     shared = common_flags(args, data_prefix, os.path.join(args.data_dir, "tokenizer"),
                           os.path.join(args.out, "cache"))
@@ -118,9 +138,16 @@ def run_commands(args) -> dict:
     data = ["--tst-bag-size", str(args.bag_size), "--tst-sample-layout", args.sample_layout]
     tst = data + ["--tst-superposition-ratio", str(args.ratio), "--tst-weighting", args.weighting]
     baseline = data + ["--tst-superposition-ratio", "0"]
-    return {name: launcher + shared + extra
-            + ["--wandb-exp-name", name, "--metrics-jsonl", os.path.join(args.out, f"{name}.jsonl")]
-            for name, extra in (("baseline", baseline), ("tst", tst))}
+    extras = {"baseline": baseline, "tst": tst, "stock": []}
+    return {name: launcher + shared + extras[name]
+            + ["--wandb-exp-name", name, "--metrics-jsonl", os.path.join(args.out, f"{name}.jsonl"),
+               "--save", checkpoint_dir(args, name), "--save-interval", str(args.steps)]
+            for name in RUNS}
+
+
+def checkpoint_dir(args, name: str) -> str:
+    """Where run `name` saves its final checkpoint."""
+    return os.path.join(args.out, name, "checkpoints")
 
 
 def is_finished(path: str, steps: int) -> bool:
@@ -143,7 +170,7 @@ def run_signature(argv: list) -> list:
     """The trainer flags that decide what a run computes (not the interpreter, output or cache paths)."""
     flags = argv[argv.index("megatron_tst.pretrain") + 1:]
     return [flag for i, flag in enumerate(flags) if i == 0 or flags[i - 1] not in ("--metrics-jsonl",
-                                                                                    "--data-cache-path")]
+                                                                                    "--data-cache-path", "--save")]
 
 
 def previous_wall_time(metrics: str, wall_file: str, argv: list, steps: int) -> Optional[float]:
@@ -164,6 +191,7 @@ def train(name: str, argv: list, out: str, steps: int, force: bool) -> float:
         return seconds
     if os.path.exists(metrics):
         os.remove(metrics)  # start over: the trainer appends
+    shutil.rmtree(argv[argv.index("--save") + 1], ignore_errors=True)  # and saves anew
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     print(f"{name}: training, log in {log}", flush=True)
     start = time.time()
@@ -241,36 +269,41 @@ def fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def markdown_table(summary: dict) -> str:
-    """The results as markdown: one row per run, then the comparison and reference losses."""
-    switch, comp = summary["switch"] or {}, summary["comparison"]
-    header = (f"| run | final eval LM loss | eval LM loss at the switch (it {switch.get('switch_iteration', '-')}) "
-              f"| next eval (it {switch.get('next_eval_iteration', '-')}) | train LM loss, first recovery step "
-              "| raw tokens | epochs of train data | wall time |")
-    first_recovery = {"baseline": switch.get("baseline_train_lm_loss_same_step"),
-                      "tst": switch.get("tst_train_lm_loss_first_recovery_step")}
-    rows = [header, "|---|---|---|---|---|---|---|---|"]
-    for name, run in summary["runs"].items():
-        cells = [run["label"], fmt(run["final_eval_lm_loss"]), fmt(switch.get(f"{name}_eval_lm_loss_at_switch")),
-                 fmt(switch.get(f"{name}_eval_lm_loss_next")), fmt(first_recovery[name]),
-                 f"{run['consumed_tokens'] / 1e6:.2f}M", f"{run['epochs']:.2f}", f"{run['wall_s'] / 60:.1f} min"]
-        rows.append("| " + " | ".join(cells) + " |")
+def speedup_text(comp: dict) -> str:
+    """A comparison's equal-loss speedup as a table cell."""
     if comp["equal_loss_speedup"] is not None:
-        speedup = f"{comp['equal_loss_speedup']:.2f}x"
-    elif comp["equal_loss_speedup_lower_bound"] is not None:
-        speedup = f">= {comp['equal_loss_speedup_lower_bound']:.2f}x"
-    else:
-        speedup = "- (TST ends above the baseline's first eval)"
-    notes = [f"equal-loss speedup (steps = FLOPs): {speedup}",
-             f"equal-FLOPs loss gap (baseline - TST, > 0: TST better): {fmt(comp['equal_flops_loss_gap'], 4)}",
-             f"TST eval MCE loss at the switch: {fmt(switch.get('tst_eval_mce_loss_at_switch'))}",
+        return f"{comp['equal_loss_speedup']:.2f}x"
+    if comp["equal_loss_speedup_lower_bound"] is not None:
+        return f">= {comp['equal_loss_speedup_lower_bound']:.2f}x"
+    return "- (never reaches the reference's first eval loss)"
+
+
+def markdown_table(summary: dict) -> str:
+    """The results as markdown: one row per run, then the comparisons and reference losses."""
+    switch = summary["switch"] or {}
+    header = (f"| run | final eval LM loss | eval LM loss at the switch (it {switch.get('switch_iteration', '-')}) "
+              f"| next eval (it {switch.get('next_eval_iteration', '-')}) | raw tokens | epochs of train data "
+              "| wall time |")
+    rows = [header, "|---|---|---|---|---|---|---|"]
+    for run in summary["runs"].values():
+        cells = [run["label"], fmt(run["final_eval_lm_loss"]), fmt(run.get("eval_lm_loss_at_switch")),
+                 fmt(run.get("eval_lm_loss_next")), f"{run['consumed_tokens'] / 1e6:.2f}M", f"{run['epochs']:.2f}",
+                 f"{run['wall_s'] / 60:.1f} min"]
+        rows.append("| " + " | ".join(cells) + " |")
+    rows += ["", "| comparison | equal-loss speedup (steps = FLOPs) | equal-FLOPs loss gap (reference - run, > 0: run "
+             "better) |", "|---|---|---|"]
+    for comp in summary["comparisons"]:
+        rows.append(f"| {comp['label']} vs {comp['reference']} | {speedup_text(comp)} "
+                    f"| {fmt(comp['equal_flops_loss_gap'], 4)} |")
+    notes = [f"TST eval MCE loss at the switch: {fmt(switch.get('tst_eval_mce_loss_at_switch'))}",
              f"validation unigram cross-entropy (a model ignoring its input): "
              f"{fmt(summary['data']['valid_unigram_cross_entropy'])}"]
     return "\n".join(rows) + "\n\n" + "; ".join(notes)
 
 
 def main(argv=None) -> int:
-    """Run both trainings, compare them, write summary.json and print the table."""
+    """Run the three trainings, compare them, evaluate their final checkpoints downstream, write summary.json and
+    print the tables."""
     args = parse_args(argv)
     os.chdir(REPO)
     commands = run_commands(args)
@@ -285,40 +318,64 @@ def main(argv=None) -> int:
     walls = {name: train(name, argv_, args.out, args.steps, args.force) for name, argv_ in commands.items()}
     train_elapsed = time.time() - train_start  # (runs skipped now count with their recorded wall times)
 
-    labels = {"baseline": "baseline", "tst": f"TST (s={args.bag_size}, r={args.ratio})"}
-    logs = {name: compare_runs.load_run(os.path.join(args.out, f"{name}.jsonl"), labels[name]) for name in commands}
-    report = compare_runs.build_report(list(logs.values()))
+    names = labels(args)
+    logs = {name: compare_runs.load_run(os.path.join(args.out, f"{name}.jsonl"), names[name]) for name in commands}
+    report = compare_runs.build_report(list(logs.values()))  # tst and stock, each against the same-stream baseline
+    comparisons = [dict(comp, reference=names["baseline"]) for comp in report["comparisons"]]
+    comparisons.append(dict(compare_runs.compare_runs(logs["stock"], logs["tst"]), reference=names["stock"]))
     compare_runs.write_plots(list(logs.values()), args.out)
 
     data_stats = split_statistics(os.path.join(args.data_dir, "demo_text_document"), args.seq_length)
     per_epoch = data_stats["samples_per_epoch"]
+    switch = ((logs["tst"].header or {}).get("tst") or {}).get("superposition_steps")  # the last superposition step
+    next_eval = next((r["iteration"] for r in logs["tst"].evals if switch and r["iteration"] > switch), None)
     runs = {}
     for (name, log), run_report in zip(logs.items(), report["runs"]):
         final_train = record_at(log.train, args.steps)
         runs[name] = {"label": log.label, "final_eval_lm_loss": run_report["final_eval_lm_loss"],
+                      "eval_lm_loss_at_switch": record_at(log.evals, switch).get("eval_lm_loss"),
+                      "eval_lm_loss_next": record_at(log.evals, next_eval).get("eval_lm_loss"),
                       "consumed_samples": final_train["consumed_samples"],
                       "consumed_tokens": final_train["consumed_tokens"],
                       "epochs": final_train["consumed_samples"] / per_epoch, "wall_s": walls[name],
                       "train_time_s": final_train["wall_time_s"], "flops": final_train["flops"],
-                      "eval_lm_loss_curve": log.eval_curve(),
+                      "eval_lm_loss_curve": log.eval_curve(), "checkpoint": checkpoint_dir(args, name),
                       "command": shlex.join(["python", *commands[name][1:]])}
-    switch = ((logs["tst"].header or {}).get("tst") or {}).get("superposition_steps")  # the last superposition step
+    downstream = evaluate_checkpoints(args)
     summary = {
         "config": {k: v for k, v in vars(args).items() if k not in ("force", "dry_run", "publish")},
         "data": data_stats, "positions_per_step": args.global_batch * args.seq_length,
-        "runs": runs, "comparison": report["comparisons"][0],
+        "runs": runs, "comparisons": comparisons,
         "switch": switch_details(logs["tst"], logs["baseline"], switch),
+        "downstream": downstream,
         "total_wall_s": sum(walls.values()) + time.time() - total_start - train_elapsed,
     }
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if args.publish:
         os.makedirs(args.publish, exist_ok=True)
-        for name in PUBLISHED_PLOTS + ("summary.json",):
+        published = PUBLISHED_PLOTS + ("summary.json",) + (("downstream.md",) if downstream else ())
+        for name in published:
             shutil.copy(os.path.join(args.out, name), args.publish)
     print("\n" + markdown_table(summary))
+    if downstream:
+        print("\n" + downstream["markdown"])
     print(f"\nsummary and plots in {args.out} (total wall time {summary['total_wall_s'] / 60:.1f} min)")
     return 0
+
+
+def evaluate_checkpoints(args) -> Optional[dict]:
+    """tools/evaluate.py on the three final checkpoints, named tst, baseline (same stream) and stock (stock order)
+    (--tasks; None with --tasks none): its table as JSON and markdown (also written to OUT/downstream.{json,md})."""
+    if args.tasks == "none":
+        return None
+    import evaluate  # tools/ (sys.path[0] when run as a script)
+
+    argv = [f"{name}={checkpoint_dir(args, name)}" for name in ("tst", "baseline", "stock")]
+    argv += ["--tasks", args.tasks, "--out", os.path.join(args.out, "downstream"), "--data-dir", args.data_dir]
+    if args.eval_limit:
+        argv += ["--limit", str(args.eval_limit)]
+    return evaluate.main(argv, return_table=True)
 
 
 if __name__ == "__main__":

@@ -239,6 +239,32 @@ def check_stream_continuation(checkpoint_stream: dict, stream: dict, consumed_sa
         f"{forward[0].upper() + forward[1:]}, or start the data over on these weights with --finetune.")
 
 
+def _cut_block_mismatch(args, ckpt_args, consumed: int) -> Optional[str]:
+    """Recovery reads windows in blocks of --global-batch-size windows over --tst-bag-size steps, and the last block
+    of a run that ends inside one is cut short (`SamplePlan.baseline_sample`), so the order of its samples depends on
+    the run's length. Another --train-iters / --train-samples continues the checkpoint exactly unless it stopped
+    past the earlier of the two runs' cut blocks; then this names the problem and the ways forward (else None)."""
+    from megatron_tst.config import TSTConfig
+    from megatron_tst.stream import SamplePlan
+
+    try:
+        ours, theirs = (SamplePlan.from_megatron(ns, TSTConfig.from_args(ns)) for ns in (args, ckpt_args))
+    except (ValueError, AttributeError, TypeError):
+        return None  # no TST plan on one side: the checks above decide
+    if not (ours.tst and theirs.tst) or consumed <= min(ours.cut_block_start, theirs.cut_block_start):
+        return None
+    if (ours.cut_block_start, ours.total_samples) == (theirs.cut_block_start, theirs.total_samples):
+        return None
+    length = "--train-samples" if getattr(args, "train_samples", None) else "--train-iters"
+    return (f"it stopped after {consumed} samples, inside the last recovery block of a run of "
+            f"{theirs.total_samples} samples, which that run cut short (recovery reads windows in blocks of "
+            "--global-batch-size windows over --tst-bag-size steps; a run ending inside a block reads a cut block, "
+            f"so that every token of a prefix of the stream is trained once); this run of {ours.total_samples} "
+            "samples reads those samples in another order (some tokens would be trained twice, others never). Keep "
+            f"the checkpoint's {length} to continue it, or start a new count from its weights with --finetune. A run "
+            "whose recovery phase is a multiple of --tst-bag-size steps ends on a block boundary and can be extended.")
+
+
 def check_resume(args, target: Optional[CheckpointToLoad]) -> None:
     """Before the model is built: raise SystemExit naming every flag of this run that would not continue the
     checkpoint it loads (`target`, checked by `checkpoint_checks`), both values and the ways forward (see module
@@ -263,6 +289,9 @@ def check_resume(args, target: Optional[CheckpointToLoad]) -> None:
             "checkpoint's run at the same iterations (some twice, some never):\n  " + "\n  ".join(stream)
             + "\nRestore the checkpoint's values to continue it, or start a new run from its weights with "
             "--finetune (iteration, sample count and optimizer state start anew).")
+    cut = _cut_block_mismatch(args, ckpt_args, int(getattr(ckpt_args, "consumed_train_samples", 0) or 0))
+    if cut:
+        raise SystemExit(f"error: resuming {directory}: {cut}")
     loads_schedule = not args.no_load_optim or args.use_checkpoint_opt_param_scheduler
     if not loads_schedule or args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
         return
