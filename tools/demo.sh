@@ -88,6 +88,8 @@ print(f"metrics:     {run}/metrics.jsonl   (python tools/compare_runs.py BASELIN
 print(f"tensorboard: {run}/tensorboard   (Megatron-LM's scalars and TST's: phase_is_superposition, "
       "consumed_tokens, ...)")
 print(f"checkpoint:  {run}/checkpoints   (Megatron-LM torch_dist checkpoint; rerun the command to resume)")
+print(f"downstream:  .venv/bin/python tools/evaluate.py demo={run}/checkpoints --tasks tst_demo_cloze   "
+      "(lm-eval's Megatron-LM backend; add NAME=DIR of other runs to compare)")
 print(f"log:         {run}/train.log")
 print(f"wall time:   {seconds // 60} min {seconds % 60} s")
 EOF
