@@ -60,13 +60,14 @@ def install() -> bool:
     import megatron.training
     from megatron.training import initialize
 
-    initialize_megatron = initialize.initialize_megatron  # cpu.py's, which allows no CUDA
-    if "extra_args_provider" in inspect.signature(initialize_megatron).parameters:  # 0.17 parses in there
-        @functools.wraps(initialize_megatron)
+    without_cuda = initialize.initialize_megatron  # cpu.py's, which allows no CUDA
+    initialize_megatron = without_cuda
+    if "extra_args_provider" in inspect.signature(without_cuda).parameters:  # 0.17 parses in there
+        @functools.wraps(without_cuda)
         def with_cpu_defaults(*args, **kwargs):
             if kwargs.get("extra_args_provider") is None:
                 kwargs["extra_args_provider"] = _cpu_defaults
-            return initialize_megatron(*args, **kwargs)
+            return without_cuda(*args, **kwargs)
 
         initialize.initialize_megatron = initialize_megatron = with_cpu_defaults
     megatron.training.initialize_megatron = initialize_megatron  # the backend imports it from there
