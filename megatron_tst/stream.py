@@ -23,7 +23,8 @@ Blocks: any G consecutive recovery samples come from G distinct windows (also ac
 batch-size ramp, whose steps are at most G samples), and after each block exactly its G windows are consumed. A run
 whose recovery phase ends inside a block reads a last, cut block instead: the m whole windows and e pieces of one
 more that its remaining m*s + e samples hold, piece by piece across them, so that at the end of the run too the
-trained tokens are a prefix of the window stream (its steps hold m + 1 < G windows: the most a prefix allows).
+trained tokens are a prefix of the window stream (its steps hold at most m + 1 <= G windows: the most a prefix
+allows).
 
 The invariant (tests/test_sample_layout.py): over the run every raw token of a prefix of the window stream is
 trained on once, none skipped, across the switch and any resume (the mapping is a function of the sample index);
@@ -288,6 +289,8 @@ class TSTTrainDataset(torch.utils.data.Dataset):
         return self.plan.dataset_length
 
     def _fields(self, index: int) -> dict:
+        # A recovery piece reads its whole window (GPTDataset reads samples whole), once per piece: 0.3-0.4 ms per
+        # recovery sample at s=4, L=1024 on a 2-core CPU, blocks or consecutive pieces alike (data-loader time).
         sample = self.source[index]
         return {key: torch.as_tensor(sample[key]) for key in ("tokens", "labels", "loss_mask")}
 

@@ -145,7 +145,7 @@ def run_one(name: str, argv: list, out_dir: str) -> dict:
     """Run one evaluation; returns lm-eval's results JSON. Raises EvaluateError (with the log's path) on failure."""
     os.makedirs(out_dir, exist_ok=True)
     log = os.path.join(out_dir, "lm_eval.log")
-    env = {**os.environ, "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "0")}
+    env = dict(os.environ)
     env.setdefault("MEGATRON_PATH", megatron_path())
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
     started = time.time()

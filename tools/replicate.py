@@ -254,7 +254,6 @@ def switch_details(tst, base, switch: Optional[int]) -> Optional[dict]:
     return {
         "switch_iteration": switch,
         "tst_eval_lm_loss_at_switch": eval_at(tst, switch), "baseline_eval_lm_loss_at_switch": eval_at(base, switch),
-        "tst_eval_mce_loss_at_switch": record_at(tst.evals, switch).get("eval_mce_loss"),
         "next_eval_iteration": after,
         "tst_eval_lm_loss_next": eval_at(tst, after), "baseline_eval_lm_loss_next": eval_at(base, after),
         "tst_train_mce_loss_last_superposition_step": train_at(tst, switch),
@@ -295,10 +294,9 @@ def markdown_table(summary: dict) -> str:
     for comp in summary["comparisons"]:
         rows.append(f"| {comp['label']} vs {comp['reference']} | {speedup_text(comp)} "
                     f"| {fmt(comp['equal_flops_loss_gap'], 4)} |")
-    notes = [f"TST eval MCE loss at the switch: {fmt(switch.get('tst_eval_mce_loss_at_switch'))}",
-             f"validation unigram cross-entropy (a model ignoring its input): "
-             f"{fmt(summary['data']['valid_unigram_cross_entropy'])}"]
-    return "\n".join(rows) + "\n\n" + "; ".join(notes)
+    note = ("validation unigram cross-entropy (a model ignoring its input): "
+            f"{fmt(summary['data']['valid_unigram_cross_entropy'])}")
+    return "\n".join(rows) + "\n\n" + note
 
 
 def main(argv=None) -> int:
