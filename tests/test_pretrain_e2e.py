@@ -359,7 +359,9 @@ def test_batch_size_rampup_run_switches_on_a_step_boundary(in_process):
         sup = min(taken[i], taken[RAMP_SUP])
         assert (record["phase"], record["megatron_samples"]) == (phase(i, RAMP_SUP), taken[i]), i
         assert record["consumed_tokens"] == (sup * BAG + taken[i] - sup) * L
-    # every step reads whole samples of one phase: superposition rows up to the switch, then recovery samples
+    # every step reads whole samples of one phase: superposition rows up to the switch (consecutive windows), then
+    # recovery samples (pieces of G = 8 distinct windows per step, blocks of 8 windows over 4 steps); over the run the
+    # baseline samples read are 0, 1, ..., none skipped or repeated
     steps = {}
     for name in os.listdir(in_process["dir"] / "rampup_stream"):
         for micro_batch in read_jsonl(in_process["dir"] / "rampup_stream" / name):
@@ -370,7 +372,10 @@ def test_batch_size_rampup_run_switches_on_a_step_boundary(in_process):
     assert sorted(steps) == list(range(len(RAMP)))
     for k, step in steps.items():  # k: steps completed before this one
         assert step["rows"] == RAMP[k] and step["phases"] == {k < RAMP_SUP}, k
-        sup_before, sup_after = min(taken[k], taken[RAMP_SUP]), min(taken[k + 1], taken[RAMP_SUP])
-        first = sup_before * BAG + taken[k] - sup_before
-        last = sup_after * BAG + taken[k + 1] - sup_after
-        assert sorted(step["ids"]) == list(range(first, last)), k  # baseline samples, none skipped or repeated
+        if k < RAMP_SUP:
+            first = taken[k] * BAG
+            assert sorted(step["ids"]) == list(range(first, taken[k + 1] * BAG)), k
+        else:
+            assert len({i // BAG for i in step["ids"]}) == RAMP[k], k
+    every = sorted(i for step in steps.values() for i in step["ids"])
+    assert every == list(range(taken[RAMP_SUP] * BAG + taken[-1] - taken[RAMP_SUP]))
