@@ -9,7 +9,7 @@ its index, and the phase switch and every resume follow from Megatron's own book
     sample i <  N_sup: a superposition row, one contiguous window of s*L raw tokens (+1 label token) of the
                        document stream: window i (bags `tokens.view(L, s)`, next-bag targets [L, s]);
     sample i >= N_sup: a recovery sample of L tokens, one piece (L tokens, [p*L, (p+1)*L] of a window) of the
-                       windows after N_sup, read in blocks: G windows (G = --global-batch-size) over s steps, step
+                       windows after N_sup, read in blocks: G windows (G = the global batch size) over s steps, step
                        k of a block taking piece k of each of its G windows (`SamplePlan.baseline_sample`).
 
 N_sup is what the superposition steps consume: `superposition_steps * global batch size` (with a batch-size
@@ -102,8 +102,9 @@ class SamplePlan:
         superposition_steps: S, the optimizer steps of the superposition phase.
         superposition_samples: N_sup, the samples those steps consume (rows of s*L tokens each).
         sample_layout: "contiguous" (windows) or "segments" (s stock samples per row); see the module docstring.
-        block_windows: G, the windows of a recovery block (--global-batch-size; 1 reads each window's pieces in
-            consecutive samples). Only the contiguous layout has blocks.
+        block_windows: G, the windows of a recovery block: the run's largest global batch (--global-batch-size, or
+            where a batch-size ramp-up or schedule ends); 1 reads each window's pieces in consecutive samples. Only
+            the contiguous layout has blocks.
         tst: whether the run has `--tst-*` flags (its train samples are TST's stream, also with 0 superposition
             steps: the same-stream baseline); otherwise they are Megatron's stock samples.
     """
@@ -134,12 +135,16 @@ class SamplePlan:
         for _ in range(steps if args.train_samples else train_iters):
             update_num_microbatches(consumed[-1], consistency_check=False)
             consumed.append(consumed[-1] + get_current_global_batch_size())
-        update_num_microbatches(0, consistency_check=False)
         superposition_samples, total = consumed[steps], args.train_samples or consumed[-1]
+        # G: the largest step of the run (the batch size a ramp-up or step schedule ends at; --global-batch-size
+        # is the first one under 0.19's --step-batch-size-schedule), so that every step reads distinct windows
+        update_num_microbatches(max(total - 1, 0), consistency_check=False)
+        largest = max(get_current_global_batch_size(), args.global_batch_size or 1)
+        update_num_microbatches(0, consistency_check=False)
         return cls(seq_length=args.seq_length, total_samples=total, tst=tst is not None,
                    bag_size=tst.bag_size if tst else 1,
                    superposition_steps=steps, superposition_samples=superposition_samples,
-                   sample_layout=tst.sample_layout if tst else "contiguous", block_windows=args.global_batch_size)
+                   sample_layout=tst.sample_layout if tst else "contiguous", block_windows=largest)
 
     # ------------------------------------------------------------------------------------------------ phases
 

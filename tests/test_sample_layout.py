@@ -446,6 +446,7 @@ def test_the_plan_of_megatron_args_with_and_without_a_batch_size_ramp():
         total = 4 + 4 + 8 + 12 + 6 * 16
     # the first 3 steps take 4 + 4 + 8 samples; the run as many samples as its 10 steps take, not 10 x 16
     assert (ramp.superposition_steps, ramp.superposition_samples, ramp.total_samples) == (3, 16, total)
+    assert constant.block_windows == ramp.block_windows == 16  # recovery blocks: the largest step's windows
 
 
 @pytest.mark.unit
